@@ -1,0 +1,6 @@
+"""Lightning callbacks: hyperparameter schedules, image grids, prediction writing."""
+
+from callbacks.images import ImageLogger, PredictionWriter, run_dir
+from callbacks.schedule import ParameterSchedule, schedule_value
+
+__all__ = ["ImageLogger", "ParameterSchedule", "PredictionWriter", "run_dir", "schedule_value"]

@@ -1,0 +1,234 @@
+"""Deterministic autoencoder, trained by maximising the decoder's likelihood of the input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, MultivariateNormal
+from torchmetrics import CatMetric
+
+from dgm_lightning import objectives
+from dgm_lightning.base import GenerativeModel, check_positive
+from dgm_lightning.nets import build_decoder, build_encoder
+
+Likelihood = Literal["bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned"]
+Architecture = Literal["mlp", "conv"]
+
+
+class LatentVariableModel(GenerativeModel):
+    """What autoencoders and VAEs share: encoder and decoder nets, a named decoder likelihood, conditioning.
+
+    Subclasses define ``encoder_out_dim``, ``encode``, ``sample_latent`` and ``loss_terms``.
+
+    Args:
+        latent_dim: size of the code.
+        img_shape: (C, H, W) of the images.
+        value_range: (low, high) of pixel values; the Bernoulli likelihoods need (0, 1).
+        architecture: default networks, ``mlp`` or ``conv`` (ignored for injected networks).
+        hidden_dims: hidden sizes (mlp) or channels (conv) of the default encoder; the decoder mirrors them.
+        likelihood: ``bernoulli``, ``continuous_bernoulli``, ``gaussian`` (fixed scale ``gaussian_scale``)
+            or ``gaussian_learned`` (one learned scale, initialised at ``gaussian_scale``).
+        gaussian_scale: standard deviation of the Gaussian likelihoods.
+        num_classes: condition encoder and decoder on labels (one-hot) when set.
+        lr: Adam learning rate (``--optimizer`` on the CLI replaces the optimizer).
+        encoder: your own encoder: (B, C [+ num_classes], H, W) -> (B, latent_dim).
+        decoder: your own decoder: (B, latent_dim [+ num_classes]) -> (B, C, H, W) distribution parameters
+            (logits for the Bernoullis, means for the Gaussians).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 16,
+        *,
+        img_shape: Sequence[int] = (1, 28, 28),
+        value_range: Sequence[float] = (0.0, 1.0),
+        architecture: Architecture = "mlp",
+        hidden_dims: Sequence[int] | None = None,
+        likelihood: Likelihood = "bernoulli",
+        gaussian_scale: float = 0.1,
+        num_classes: int | None = None,
+        lr: float = 1e-3,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__(img_shape=img_shape, value_range=value_range, num_classes=num_classes)
+        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        if not isinstance(latent_dim, int) or latent_dim <= 0:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        check_positive(gaussian_scale=gaussian_scale, lr=lr)
+        objectives.check_choice("likelihood", likelihood, objectives.LIKELIHOODS)
+        if likelihood in ("bernoulli", "continuous_bernoulli") and self.value_range != (0.0, 1.0):
+            raise ValueError(
+                f"the {likelihood} likelihood models pixels in (0, 1) but value_range is {self.value_range}; "
+                "use value_range (0, 1) or a gaussian likelihood"
+            )
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.lr = lr
+        cond = num_classes or 0
+        c, h, w = self.img_shape
+        if encoder is None:
+            encoder = build_encoder(architecture, (c + cond, h, w), self.encoder_out_dim, hidden_dims)
+        if decoder is None:
+            decoder = build_decoder(architecture, latent_dim + cond, self.img_shape, hidden_dims)
+        self.encoder, self.decoder = encoder, decoder
+        log_scale = torch.tensor(float(gaussian_scale)).log()
+        if likelihood == "gaussian_learned":
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        # codes (posterior means) of the validation set, gathered across ranks at epoch end
+        self.val_codes = CatMetric()
+
+    @property
+    def encoder_out_dim(self) -> int:
+        """Size of the encoder's output per example."""
+        raise NotImplementedError
+
+    # -- the protocol callbacks use ---------------------------------------------------------------
+
+    def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) -> codes (B, latent_dim)."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Codes (B, latent_dim) -> images (B, C, H, W): the mean of the decoder distribution."""
+        return self.decoder_distribution(z, labels).mean
+
+    def reconstruct(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Decode the code of x (the posterior mean for a VAE)."""
+        labels = self.check_labels(labels, x.shape[0])
+        return self.decode(self.encode(x, labels=labels), labels=labels)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        """Draw n images (B, C, H, W); ``temperature`` scales the latent noise (0 gives the mode)."""
+        check_positive(n=n)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        labels = self.default_labels(n) if labels is None else self.check_labels(labels, n)
+        return self.decode(self.sample_latent(n, temperature), labels=labels)
+
+    def sample_latent(self, n: int, temperature: float) -> Tensor:
+        """n codes (n, latent_dim) to decode, the noise scaled by temperature."""
+        raise NotImplementedError
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def encoder_output(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        out = self.encoder(self.condition_images(x, labels))
+        if out.shape != (x.shape[0], self.encoder_out_dim):
+            raise ValueError(
+                f"the encoder must output shape (B, {self.encoder_out_dim}) for latent_dim={self.latent_dim}, "
+                f"got {tuple(out.shape)}"
+            )
+        return out
+
+    def decoder_distribution(self, z: Tensor, labels: Tensor | None) -> Distribution:
+        """p(x | z) as a torch distribution over whole images."""
+        params = self.decoder(self.condition_vectors(z, labels))
+        if params.shape[1:] != self.img_shape:
+            raise ValueError(f"the decoder must output shape (B, {self.img_shape}), got {tuple(params.shape)}")
+        return objectives.reconstruction_distribution(self.likelihood, params, log_scale=self.log_scale)
+
+    def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+        """Named scalar terms of the objective (``loss`` is minimised) and the codes of x."""
+        raise NotImplementedError
+
+    def _shared_step(self, batch, stage: str) -> dict[str, Tensor]:
+        x, labels = self.unpack_batch(batch)
+        terms, codes = self.loss_terms(x, labels)
+        self.log_terms(terms, stage, batch_size=x.shape[0])
+        if stage == "val":
+            self.val_codes.update(codes.detach())
+        return terms
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")["loss"]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_codes.update_called:
+            self.on_validation_codes(self.val_codes.compute())
+        self.val_codes.reset()
+
+    def on_validation_codes(self, codes: Tensor) -> None:
+        """Called with all validation codes (N, latent_dim), gathered across ranks."""
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        """For each input batch: the inputs, their reconstructions and as many fresh samples."""
+        x, labels = self.unpack_batch(batch)
+        return {"inputs": x, "reconstructions": self.reconstruct(x, labels=labels), "samples": self.sample(x.shape[0], labels=labels)}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class AE(LatentVariableModel):
+    """Autoencoder whose reconstruction loss is the negative log-likelihood of a named decoder distribution.
+
+    A plain autoencoder has no prior, so ``sample`` draws codes from a Gaussian fitted to the validation
+    codes after each validation epoch (ex-post density estimation); the fit is saved in checkpoints.
+
+    Args: see ``LatentVariableModel``.
+
+    References: Ghosh et al. 2019, arXiv:1903.12436 (ex-post density estimation).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 16,
+        *,
+        img_shape: Sequence[int] = (1, 28, 28),
+        value_range: Sequence[float] = (0.0, 1.0),
+        architecture: Architecture = "mlp",
+        hidden_dims: Sequence[int] | None = None,
+        likelihood: Likelihood = "bernoulli",
+        gaussian_scale: float = 0.1,
+        num_classes: int | None = None,
+        lr: float = 1e-3,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            latent_dim, img_shape=img_shape, value_range=value_range, architecture=architecture,
+            hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
+            num_classes=num_classes, lr=lr, encoder=encoder, decoder=decoder,
+        )  # fmt: skip
+        self.register_buffer("code_mean", torch.zeros(latent_dim))
+        self.register_buffer("code_scale_tril", torch.eye(latent_dim))
+
+    @property
+    def encoder_out_dim(self) -> int:
+        return self.latent_dim
+
+    def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) -> codes (B, latent_dim)."""
+        return self.encoder_output(x, labels)
+
+    def sample_latent(self, n: int, temperature: float) -> Tensor:
+        """Codes from the Gaussian fitted to the validation codes."""
+        eps = torch.randn(n, self.latent_dim, device=self.device) * temperature
+        return self.code_mean + eps @ self.code_scale_tril.T
+
+    def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+        codes = self.encode(x, labels=labels)
+        reconstruction = self.decoder_distribution(codes, labels).log_prob(x).mean()
+        return {"loss": -reconstruction, "reconstruction": reconstruction}, codes
+
+    def on_validation_codes(self, codes: Tensor) -> None:
+        """Fit the sampling Gaussian to the validation codes."""
+        self.code_mean.copy_(codes.mean(0))
+        # jitter keeps the covariance positive definite when N is small or codes are degenerate
+        cov = torch.atleast_2d(torch.cov(codes.T)) + 1e-4 * torch.eye(self.latent_dim, device=codes.device)
+        self.code_scale_tril.copy_(MultivariateNormal(self.code_mean, covariance_matrix=cov).scale_tril)

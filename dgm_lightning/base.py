@@ -1,0 +1,147 @@
+"""Plumbing shared by the image models: data checks, label conditioning, logging."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def check_positive(**values: float | None) -> None:
+    """Raise a ValueError for each named value that is not > 0 (None means 'not used' and passes)."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+class GenerativeModel(L.LightningModule):
+    """Base of the image models: holds what the model expects of its data and checks it.
+
+    Args:
+        img_shape: (C, H, W) of the images.
+        value_range: (low, high) of pixel values.
+        num_classes: number of classes for a class-conditional model, None for an unconditional one.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_shape: Sequence[int],
+        value_range: Sequence[float],
+        num_classes: int | None,
+    ) -> None:
+        super().__init__()
+        if len(img_shape) != 3 or any(int(s) <= 0 for s in img_shape):
+            raise ValueError(f"img_shape must be three positive sizes (C, H, W), got {tuple(img_shape)}")
+        if len(value_range) != 2 or not value_range[0] < value_range[1]:
+            raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 for a conditional model (or None), got {num_classes}")
+        self.img_shape = tuple(int(s) for s in img_shape)
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        self.num_classes = num_classes
+
+    # -- data contract -------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Compare the model's expectations with what the DataModule declares (its ``data_spec``)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spec = getattr(datamodule, "data_spec", None)
+        if spec is None:
+            return
+        name = type(self).__name__
+        if tuple(spec.img_shape) != self.img_shape:
+            raise ValueError(
+                f"{name} was built for images of shape {self.img_shape} (C, H, W) but "
+                f"{type(datamodule).__name__} yields {tuple(spec.img_shape)}; "
+                f"set img_shape to match (CLI: --model.img_shape \"{list(spec.img_shape)}\")"
+            )
+        if tuple(spec.value_range) != self.value_range:
+            raise ValueError(
+                f"{name} expects pixel values in {self.value_range} but {type(datamodule).__name__} yields "
+                f"{tuple(spec.value_range)}; set the same value_range on the model and the data"
+            )
+        if self.num_classes is not None and spec.num_classes != self.num_classes:
+            raise ValueError(
+                f"{name} is conditional on {self.num_classes} classes but {type(datamodule).__name__} "
+                f"has {spec.num_classes}; set num_classes to match, or to None for an unconditional model"
+            )
+
+    def on_train_start(self) -> None:
+        # Lightning only warns about an empty training set and then trains nothing; fail instead.
+        if self.trainer.num_training_batches == 0:
+            raise ValueError(
+                "the training dataloader is empty: the dataset has no examples (or limit_train_batches is 0); "
+                "check the DataModule's data and split fractions"
+            )
+
+    def unpack_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Split a batch into images and labels and check the images' shape (a cheap, sync-free check)."""
+        if isinstance(batch, Tensor):
+            x, y = batch, None
+        elif isinstance(batch, (list, tuple)) and len(batch) in (1, 2):
+            x, y = batch[0], (batch[1] if len(batch) == 2 else None)
+        else:
+            raise TypeError(
+                f"{type(self).__name__} expects a batch that is an image tensor or an (images, labels) pair, "
+                f"got {type(batch).__name__}"
+            )
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.img_shape:
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (B, {', '.join(map(str, self.img_shape))}) "
+                f"but got a batch of shape {tuple(x.shape)}; set img_shape to match the data"
+            )
+        if self.num_classes is None:
+            return x, None
+        if y is None:
+            raise ValueError(f"{type(self).__name__} is conditional (num_classes={self.num_classes}) but the batch has no labels")
+        return x, y
+
+    # -- class conditioning ----------------------------------------------------------------------
+
+    def check_labels(self, labels: Tensor | None, n: int) -> Tensor | None:
+        """Validate labels for n examples: required by a conditional model, refused by an unconditional one."""
+        name = type(self).__name__
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError(f"{name} is unconditional (num_classes=None) and takes no labels")
+            return None
+        if labels is None:
+            raise ValueError(f"{name} is conditional (num_classes={self.num_classes}): pass labels")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+        return labels.to(self.device)
+
+    def default_labels(self, n: int) -> Tensor | None:
+        """Labels for sampling when none are given: the classes in turn (0, 1, ..., 0, 1, ...)."""
+        return None if self.num_classes is None else torch.arange(n, device=self.device) % self.num_classes
+
+    def condition_images(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """Append one-hot label maps as extra channels: (B, C, H, W) -> (B, C + num_classes, H, W)."""
+        if labels is None:
+            return x
+        onehot = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
+        return torch.cat([x, onehot[:, :, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
+
+    def condition_vectors(self, z: Tensor, labels: Tensor | None) -> Tensor:
+        """Append one-hot labels: (B, D) -> (B, D + num_classes)."""
+        if labels is None:
+            return z
+        return torch.cat([z, F.one_hot(labels.long(), self.num_classes).to(z.dtype)], dim=1)
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def log_terms(self, terms: dict[str, Tensor], stage: str, batch_size: int) -> None:
+        """Log named scalars as ``{stage}/{name}``; validation and test values are averaged over ranks."""
+        self.log_dict(
+            {f"{stage}/{name}": value for name, value in terms.items()},
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=stage != "train",
+        )
