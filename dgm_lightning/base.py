@@ -70,11 +70,11 @@ class GenerativeModel(L.LightningModule):
                 f"has {spec.num_classes}; set num_classes to match, or to None for an unconditional model"
             )
 
-    def on_train_start(self) -> None:
-        # Lightning only warns about an empty training set and then trains nothing; fail instead.
-        if self.trainer.num_training_batches == 0:
+    def on_fit_end(self) -> None:
+        # Lightning only logs "No training batches" and returns; an empty training set deserves an error
+        if self.trainer.num_training_batches == 0 and self.trainer.limit_train_batches != 0:
             raise ValueError(
-                "the training dataloader is empty: the dataset has no examples (or limit_train_batches is 0); "
+                "the training dataloader is empty, so nothing was trained: the dataset has no examples; "
                 "check the DataModule's data and split fractions"
             )
 

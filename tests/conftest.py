@@ -1,0 +1,18 @@
+"""Shared fixtures: seeded RNGs, W&B kept offline and inside the test's temporary folder."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test: a fixed seed, its own working folder, and W&B offline (there is no server here)."""
+    L.seed_everything(0, verbose=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    torch.set_num_threads(2)

@@ -1,0 +1,215 @@
+"""In-memory image DataModules: the digits splits, what they declare, and the checks on loaded data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules import DataSpec, DigitsDataModule, InMemoryImageDataModule
+from tests.helpers import images
+
+N_DIGITS = 1797
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsDataModule:
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    return dm
+
+
+def _rows(dm: InMemoryImageDataModule, split: str) -> set[tuple[float, ...]]:
+    return {tuple(row.tolist()) for row in dm.splits[split].tensors[0].flatten(1)}
+
+
+# -- DigitsDataModule ----------------------------------------------------------------------------
+
+
+def test_digits_split_sizes(digits):
+    n_val, n_test = round(N_DIGITS * 0.1), round(N_DIGITS * 0.2)
+    sizes = {split: len(ds) for split, ds in digits.splits.items()}
+    assert sizes == {"train": N_DIGITS - n_val - n_test, "val": n_val, "test": n_test}
+    assert sizes == {"train": 1258, "val": 180, "test": 359}
+    assert sum(sizes.values()) == N_DIGITS
+
+
+def test_digits_splits_are_disjoint_and_cover_the_data(digits):
+    train, val, test = (_rows(digits, s) for s in ("train", "val", "test"))
+    assert not train & val and not train & test and not val & test
+    # no two digits images are identical, so the rows identify the examples
+    assert len(train) + len(val) + len(test) == N_DIGITS
+    all_images, _ = DigitsDataModule().load()
+    assert train | val | test == {tuple(r.tolist()) for r in all_images.flatten(1)}
+
+
+def test_digits_labels_follow_their_images(digits):
+    all_images, all_labels = DigitsDataModule().load()
+    label_of = {tuple(r.tolist()): int(y) for r, y in zip(all_images.flatten(1), all_labels, strict=True)}
+    for split in ("train", "val", "test"):
+        x, y = digits.splits[split].tensors
+        assert [label_of[tuple(r.tolist())] for r in x.flatten(1)] == y.tolist()
+
+
+def test_digits_split_is_fixed_by_split_seed(digits):
+    same = DigitsDataModule()
+    same.setup("fit")
+    other = DigitsDataModule(split_seed=1)
+    other.setup("fit")
+    for split in ("train", "val", "test"):
+        assert torch.equal(same.splits[split].tensors[0], digits.splits[split].tensors[0])
+        assert torch.equal(same.splits[split].tensors[1], digits.splits[split].tensors[1])
+    assert len(other.splits["val"]) == len(digits.splits["val"])
+    assert _rows(other, "val") != _rows(digits, "val")
+    assert _rows(other, "train") != _rows(digits, "train")
+
+
+def test_digits_split_does_not_depend_on_global_seed(digits):
+    torch.manual_seed(1234)
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    assert torch.equal(dm.splits["test"].tensors[0], digits.splits["test"].tensors[0])
+
+
+def test_digits_data_spec(digits):
+    assert digits.data_spec == DataSpec((1, 8, 8), (0.0, 1.0), 10)
+
+
+def test_digits_values_in_unit_interval(digits):
+    x = torch.cat([digits.splits[s].tensors[0] for s in ("train", "val", "test")])
+    assert x.dtype == torch.float32
+    assert x.min() == 0.0 and x.max() == 1.0
+
+
+def test_digits_value_range_minus_one_one():
+    dm = DigitsDataModule(value_range=(-1, 1))
+    dm.setup("fit")
+    x = torch.cat([dm.splits[s].tensors[0] for s in ("train", "val", "test")])
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert x.min() < -0.9 and x.max() > 0.9
+    assert dm.data_spec.value_range == (-1.0, 1.0)
+    assert dm.data_spec == DataSpec((1, 8, 8), (-1.0, 1.0), 10)
+
+
+def test_digits_train_batch(digits):
+    x, y = next(iter(digits.train_dataloader()))
+    assert x.shape == (64, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (64,) and y.dtype == torch.long
+    assert 0 <= int(y.min()) and int(y.max()) <= 9
+
+
+def test_digits_loaders_cover_their_splits():
+    dm = DigitsDataModule(batch_size=100)
+    dm.setup("fit")
+    assert sum(len(x) for x, _ in dm.val_dataloader()) == 180
+    assert sum(len(x) for x, _ in dm.test_dataloader()) == 359
+    assert sum(len(x) for x, _ in dm.predict_dataloader()) == 359
+    assert [len(x) for x, _ in dm.train_dataloader()] == [100] * 12 + [58]
+
+
+def test_dataloader_before_setup_raises():
+    with pytest.raises(RuntimeError, match="setup"):
+        DigitsDataModule().train_dataloader()
+
+
+# -- argument checks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=-4), "batch_size"),
+        (dict(val_fraction=0.5, test_fraction=0.5), "sum below 1"),
+        (dict(val_fraction=0.7, test_fraction=0.6), "sum below 1"),
+        (dict(val_fraction=-0.1), "val_fraction"),
+        (dict(test_fraction=1.0), "test_fraction"),
+        (dict(value_range=(1, 0)), "value_range"),
+        (dict(value_range=(0.5, 0.5)), "value_range"),
+        (dict(value_range=(0, 1, 2)), "value_range"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DigitsDataModule(**kwargs)
+
+
+# -- checks on what load() returns ---------------------------------------------------------------
+
+
+class Loaded(InMemoryImageDataModule):
+    """A DataModule serving whatever tensors it is given."""
+
+    img_shape = (1, 8, 8)
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._x, self._y = x, y
+
+    def load(self):
+        return self._x, self._y
+
+
+def test_unlabelled_data_module_works():
+    dm = Loaded(images(20))
+    dm.setup("fit")
+    assert {s: len(d) for s, d in dm.splits.items()} == {"train": 14, "val": 2, "test": 4}
+    assert dm.data_spec == DataSpec((1, 8, 8), (0.0, 1.0), None)
+    (batch,) = next(iter(dm.train_dataloader()))
+    assert batch.shape == (14, 1, 8, 8)
+
+
+def test_empty_dataset_raises():
+    with pytest.raises(ValueError, match="empty"):
+        Loaded(torch.zeros(0, 1, 8, 8)).setup("fit")
+
+
+def test_nan_images_raise():
+    x = images(20)
+    x[3, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        Loaded(x).setup("fit")
+
+
+def test_inf_images_raise():
+    x = images(20)
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="Inf"):
+        Loaded(x).setup("fit")
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25])
+def test_values_outside_unit_interval_raise(bad):
+    x = images(20)
+    x[5, 0, 1, 1] = bad
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Loaded(x).setup("fit")
+
+
+def test_wrong_image_shape_raises():
+    with pytest.raises(ValueError, match="shape"):
+        Loaded(images(20, shape=(1, 7, 8))).setup("fit")
+
+
+def test_wrong_label_count_raises():
+    with pytest.raises(ValueError, match="one label per image"):
+        Loaded(images(20), torch.zeros(19, dtype=torch.long)).setup("fit")
+
+
+def test_too_few_examples_names_the_empty_split():
+    # 3 images: round(0.3) = 0 validation examples
+    with pytest.raises(ValueError, match="the val split is empty"):
+        Loaded(images(3)).setup("fit")
+
+
+def test_empty_test_split_named():
+    # 4 images, test_fraction 0.1: round(0.4) = 0 test examples
+    with pytest.raises(ValueError, match="the test split is empty"):
+        Loaded(images(4), val_fraction=0.25, test_fraction=0.1).setup("fit")
+
+
+def test_setup_is_idempotent():
+    dm = Loaded(images(20))
+    dm.setup("fit")
+    first = dm.splits["train"]
+    dm.setup("test")
+    assert dm.splits["train"] is first
