@@ -107,7 +107,10 @@ class ImageLogger(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        with torch.no_grad(), torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []),
+        ):
             torch.manual_seed(self.seed)
             grids = self.grids(pl_module)
         folder = run_dir(trainer) / "images"
@@ -128,7 +131,9 @@ class ImageLogger(Callback):
             grids["reconstructions"] = to_uint8_grid(torch.cat([x[:n], recon]), value_range, nrow=n)
         pairs = min(self.num_interpolations, x.shape[0] // 2)
         if pairs > 0:
-            grids["interpolations"] = to_uint8_grid(self._interpolate(model, x, y, pairs), value_range, self.interpolation_steps)
+            grids["interpolations"] = to_uint8_grid(
+                self._interpolate(model, x, y, pairs), value_range, self.interpolation_steps
+            )
         return grids
 
     def _interpolate(self, model: L.LightningModule, x: Tensor, y: Tensor | None, pairs: int) -> Tensor:

@@ -101,7 +101,9 @@ class ParameterSchedule(Callback):
         # after a resume, the model holds its constructor value until the first batch; set it now
         setattr(pl_module, self.attribute, self.value(self.batches_seen))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         value = self.value(self.batches_seen)
         setattr(pl_module, self.attribute, value)
         pl_module.log(f"train/{self.attribute}", value, on_step=True, on_epoch=False)

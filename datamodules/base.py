@@ -57,9 +57,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
-                f"val_fraction and test_fraction must be in [0, 1) with a sum below 1, got {val_fraction} and {test_fraction}"
+                "val_fraction and test_fraction must be in (0, 1) with a sum below 1, "
+                f"got {val_fraction} and {test_fraction}"
             )
         if len(value_range) != 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")

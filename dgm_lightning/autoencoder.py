@@ -168,7 +168,11 @@ class LatentVariableModel(GenerativeModel):
     def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         """For each input batch: the inputs, their reconstructions and as many fresh samples."""
         x, labels = self.unpack_batch(batch)
-        return {"inputs": x, "reconstructions": self.reconstruct(x, labels=labels), "samples": self.sample(x.shape[0], labels=labels)}
+        return {
+            "inputs": x,
+            "reconstructions": self.reconstruct(x, labels=labels),
+            "samples": self.sample(x.shape[0], labels=labels),
+        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -57,7 +57,7 @@ class GenerativeModel(L.LightningModule):
             raise ValueError(
                 f"{name} was built for images of shape {self.img_shape} (C, H, W) but "
                 f"{type(datamodule).__name__} yields {tuple(spec.img_shape)}; "
-                f"set img_shape to match (CLI: --model.img_shape \"{list(spec.img_shape)}\")"
+                f'set img_shape to match (CLI: --model.img_shape "{list(spec.img_shape)}")'
             )
         if tuple(spec.value_range) != self.value_range:
             raise ValueError(
@@ -97,7 +97,9 @@ class GenerativeModel(L.LightningModule):
         if self.num_classes is None:
             return x, None
         if y is None:
-            raise ValueError(f"{type(self).__name__} is conditional (num_classes={self.num_classes}) but the batch has no labels")
+            raise ValueError(
+                f"{type(self).__name__} is conditional (num_classes={self.num_classes}) but the batch has no labels"
+            )
         return x, y
 
     # -- class conditioning ----------------------------------------------------------------------

@@ -30,6 +30,8 @@ WANDB_PROJECT = "dgm-lightning"
 
 # Tensors held in memory need no DataLoader worker processes; Lightning's advice to add some is noise here.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# Lightning 2.6 calls a torch.utils._pytree API that newer torch deprecates; nothing for a user to act on.
+warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -44,7 +46,7 @@ class RunConfigSaver(SaveConfigCallback):
             return
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True, multifile=False)
+        self.parser.save(self.config, folder / self.config_filename, overwrite=True, multifile=False)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": self.config.as_dict()})
 
@@ -89,6 +91,9 @@ class DGMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if self.subcommand == "predict":
+            # predict logs nothing, but Lightning would still open a logger run (an empty one in W&B)
+            config.trainer.logger = False
         logger = config.trainer.logger
         uses_wandb = "WandbLogger" in str(getattr(logger, "class_path", ""))
         if uses_wandb and not logger.init_args.offline and not os.environ.get("WANDB_MODE") and not wandb_reachable():

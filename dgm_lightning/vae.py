@@ -93,7 +93,12 @@ class VAE(LatentVariableModel):
         kl_per_dim = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
         kl = kl_per_dim.sum(1)
         loss = -reconstruction.mean() + self.beta * objectives.free_bits_kl(kl_per_dim, self.free_bits)
-        terms = {"loss": loss, "elbo": (reconstruction - kl).mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}
+        terms = {
+            "loss": loss,
+            "elbo": (reconstruction - kl).mean(),
+            "reconstruction": reconstruction.mean(),
+            "kl": kl.mean(),
+        }
         return terms, q.mean
 
     @torch.no_grad()

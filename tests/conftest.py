@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
 import pytest
 import torch
@@ -16,3 +18,6 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     torch.set_num_threads(2)
+    yield
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # the next test's WandbLogger must start a run of its own

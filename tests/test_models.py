@@ -136,7 +136,7 @@ def test_vae_checkpoint_loads_in_a_fresh_model_with_weights_only(digits, tmp_pat
     trainer(max_epochs=1, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, datamodule=digits)
     restored = VAE.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     assert restored.hparams.beta == 0.5 and restored.img_shape == (1, 8, 8)
-    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

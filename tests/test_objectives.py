@@ -49,9 +49,7 @@ def test_gaussian_kl_general_prior_matches_closed_form():
 
 def test_gaussian_kl_is_zero_for_identical_distributions():
     mu, sigma = _rand(4, 3), _rand(4, 3).exp()
-    torch.testing.assert_close(
-        gaussian_kl(Normal(mu, sigma), Normal(mu, sigma)), torch.zeros(4, 3, dtype=DTYPE)
-    )
+    torch.testing.assert_close(gaussian_kl(Normal(mu, sigma), Normal(mu, sigma)), torch.zeros(4, 3, dtype=DTYPE))
 
 
 # -- free_bits_kl --------------------------------------------------------------------------------
@@ -132,9 +130,7 @@ def test_bits_per_dim_uniform_half_interval_is_minus_one():
     x = 0.5 * torch.rand(4, d, dtype=DTYPE)
     nll = -Uniform(torch.zeros(d, dtype=DTYPE), torch.full((d,), 0.5, dtype=DTYPE)).log_prob(x).sum(-1)
     torch.testing.assert_close(nll, torch.full((4,), -d * math.log(2.0), dtype=DTYPE))
-    torch.testing.assert_close(
-        bits_per_dim(nll, d), torch.full((4,), -1.0, dtype=DTYPE), rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(bits_per_dim(nll, d), torch.full((4,), -1.0, dtype=DTYPE), rtol=1e-12, atol=1e-12)
 
 
 def test_bits_per_dim_one_bit_per_dim():

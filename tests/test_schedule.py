@@ -181,6 +181,7 @@ def test_two_schedules_run_together():
     assert rec_fb.values == pytest.approx(expected_fb)
 
 
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint")
 def test_schedule_state_is_checkpointed_and_restored(tmp_path):
     first_rec = Recorder()
     first = trainer(

@@ -23,7 +23,7 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 def _mlp(sizes: Sequence[int]) -> list[nn.Module]:
     """Linear layers with ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -58,6 +58,11 @@ class MLPDecoder(nn.Sequential):
         super().__init__(*_mlp([in_dim, *hidden_dims, c * h * w]), nn.Unflatten(1, (c, h, w)))
 
 
+def _check_channels(channels: Sequence[int]) -> None:
+    if not channels or any(c <= 0 for c in channels):
+        raise ValueError(f"conv nets need one or more positive channel sizes, got {list(channels)}")
+
+
 def _downsampled_sizes(size: int, steps: int) -> list[int]:
     """Feature-map sizes after each stride-2 conv (kernel 3, padding 1): size, ceil(size/2), ..."""
     sizes = [size]
@@ -78,8 +83,9 @@ class ConvEncoder(nn.Module):
     def __init__(self, in_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (32, 64, 128)) -> None:
         super().__init__()
         c, h, w = _check_shape(in_shape)
+        _check_channels(channels)
         layers: list[nn.Module] = []
-        for n_in, n_out in zip([c, *channels[:-1]], channels):
+        for n_in, n_out in zip([c, *channels[:-1]], channels, strict=True):
             layers += [nn.Conv2d(n_in, n_out, kernel_size=3, stride=2, padding=1), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
         hs, ws = _downsampled_sizes(h, len(channels)), _downsampled_sizes(w, len(channels))
@@ -101,39 +107,46 @@ class ConvDecoder(nn.Module):
     def __init__(self, in_dim: int, out_shape: Sequence[int], channels: Sequence[int] = (128, 64, 32)) -> None:
         super().__init__()
         c, h, w = _check_shape(out_shape)
+        _check_channels(channels)
         # the sizes an encoder with the same depth would produce, reversed: (H_n, W_n) ... (H, W)
-        self.sizes = list(zip(_downsampled_sizes(h, len(channels)), _downsampled_sizes(w, len(channels))))[::-1]
+        self.sizes = list(zip(_downsampled_sizes(h, len(channels)), _downsampled_sizes(w, len(channels)), strict=True))[
+            ::-1
+        ]
         self.channels = list(channels)
         h0, w0 = self.sizes[0]
         self.head = nn.Linear(in_dim, channels[0] * h0 * w0)
         self.ups = nn.ModuleList(
             nn.ConvTranspose2d(n_in, n_out, kernel_size=3, stride=2, padding=1)
-            for n_in, n_out in zip(channels, [*channels[1:], channels[-1]])
+            for n_in, n_out in zip(channels, [*channels[1:], channels[-1]], strict=True)
         )
         self.out = nn.Conv2d(channels[-1], c, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h0, w0 = self.sizes[0]
         x = self.head(z).view(-1, self.channels[0], h0, w0)
-        for up, size in zip(self.ups, self.sizes[1:]):
+        for up, size in zip(self.ups, self.sizes[1:], strict=True):
             # output_size picks the output padding that lands exactly on the encoder's size
             x = torch.nn.functional.leaky_relu(up(x, output_size=size), 0.2)
         return self.out(x)
 
 
-def build_encoder(architecture: str, in_shape: Sequence[int], out_dim: int, hidden_dims: Sequence[int] | None) -> nn.Module:
+def build_encoder(
+    architecture: str, in_shape: Sequence[int], out_dim: int, hidden_dims: Sequence[int] | None
+) -> nn.Module:
     """Default encoder for ``architecture`` ('mlp' or 'conv')."""
     if architecture == "mlp":
-        return MLPEncoder(in_shape, out_dim, hidden_dims or (512, 256))
+        return MLPEncoder(in_shape, out_dim, (512, 256) if hidden_dims is None else hidden_dims)
     if architecture == "conv":
-        return ConvEncoder(in_shape, out_dim, hidden_dims or (32, 64, 128))
+        return ConvEncoder(in_shape, out_dim, (32, 64, 128) if hidden_dims is None else hidden_dims)
     raise ValueError(f"unknown architecture {architecture!r}; choose one of: mlp, conv")
 
 
-def build_decoder(architecture: str, in_dim: int, out_shape: Sequence[int], hidden_dims: Sequence[int] | None) -> nn.Module:
+def build_decoder(
+    architecture: str, in_dim: int, out_shape: Sequence[int], hidden_dims: Sequence[int] | None
+) -> nn.Module:
     """Default decoder for ``architecture``, mirroring ``build_encoder`` (hidden sizes reversed)."""
     if architecture == "mlp":
-        return MLPDecoder(in_dim, out_shape, tuple(reversed(hidden_dims or (512, 256))))
+        return MLPDecoder(in_dim, out_shape, tuple(reversed((512, 256) if hidden_dims is None else hidden_dims)))
     if architecture == "conv":
-        return ConvDecoder(in_dim, out_shape, tuple(reversed(hidden_dims or (32, 64, 128))))
+        return ConvDecoder(in_dim, out_shape, tuple(reversed((32, 64, 128) if hidden_dims is None else hidden_dims)))
     raise ValueError(f"unknown architecture {architecture!r}; choose one of: mlp, conv")

@@ -1,0 +1,151 @@
+"""train.py: the default job as a newcomer runs it, LightningCLI subcommands, loggers, predict, bad flags."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import decode_png
+
+from datamodules import DigitsDataModule
+from dgm_lightning import VAE
+from dgm_lightning.cli import DEFAULT_CONFIG, main
+from tests.helpers import wandb_history_keys, wandb_records
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def default_job(tmp_path_factory):
+    """`python train.py` exactly as README says, on a machine with no W&B credentials and no network."""
+    workdir = tmp_path_factory.mktemp("default_job")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(workdir), NETRC=str(workdir / "no-netrc"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py")], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (workdir / "runs" / "dgm-lightning").iterdir()
+    return workdir, run, result.stdout + result.stderr
+
+
+def test_default_job_leaves_checkpoint_images_and_config(default_job):
+    _, run, _ = default_job
+    checkpoints = {p.name for p in (run / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints and len(checkpoints) == 2  # the best one too
+    for kind in ("samples", "reconstructions", "interpolations"):
+        pngs = sorted((run / "images" / kind).glob("epoch_*.png"))
+        assert [p.name for p in pngs] == [f"epoch_{e:04d}.png" for e in range(9, 60, 10)]
+        grid = decode_png(torch.frombuffer(bytearray(pngs[-1].read_bytes()), dtype=torch.uint8))
+        assert grid.dtype == torch.uint8 and grid.shape[0] == 1 and grid.float().std() > 10
+    assert "class_path: dgm_lightning.VAE" in (run / "config.yaml").read_text()
+
+
+def test_default_job_trains_a_vae_clearly_better_than_at_initialisation(default_job):
+    _, run, _ = default_job
+    data = DigitsDataModule()
+    data.setup()
+    x, _ = data.splits["test"].tensors
+
+    def test_elbo(model: VAE) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return model.eval().loss_terms(x, None)[0]["elbo"].item()
+
+    trained = test_elbo(VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True))
+    untrained = test_elbo(VAE(latent_dim=8, img_shape=(1, 8, 8), hidden_dims=[256, 128]))
+    # seen: -44.6 nats per image at initialisation, -24.5 after the default job
+    assert trained > untrained + 15, (untrained, trained)
+
+
+def test_default_job_logs_offline_to_wandb_and_says_how_to_sync(default_job):
+    workdir, _, output = default_job
+    assert "logs offline" in output and "wandb sync" in output
+    (wandb_run,) = (workdir / "runs" / "wandb").glob("offline-run-*")
+    keys = wandb_history_keys(wandb_run)
+    expected = {"train/loss_step", "train/beta", "val/elbo", "val/kl", "val/reconstruction", "val/active_units"}
+    expected |= {"test/elbo", "test/kl", "test/nll", "val/samples/filenames", "val/reconstructions/filenames"}
+    assert expected <= keys, expected - keys
+    assert len(list((wandb_run / "files" / "media" / "images" / "val").glob("samples_*.png"))) == 6
+    config_keys = {
+        item.key or "/".join(item.nested_key)
+        for record in wandb_records(wandb_run) if record.WhichOneof("record_type") == "config"
+        for item in record.config.update
+    }  # fmt: skip
+    assert {"config", "latent_dim", "likelihood", "batch_size"} <= config_keys
+
+
+def test_predict_from_the_checkpoint_writes_samples(default_job):
+    _, run, _ = default_job
+    main(["predict", "--config", str(DEFAULT_CONFIG), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *QUIET])
+    (folder,) = Path("runs/predictions").iterdir()
+    samples, inputs = torch.load(folder / "samples.pt"), torch.load(folder / "inputs.pt")
+    assert samples.shape == inputs.shape == (359, 1, 8, 8)
+    assert 0 <= samples.min() and samples.max() <= 1 and not torch.equal(samples[0], samples[1])
+    assert (folder / "samples.png").stat().st_size > 0 and (folder / "reconstructions.png").exists()
+
+
+def test_model_and_data_by_class_name_with_another_logger_and_two_runs_in_one_folder():
+    args = ["fit", "--model", "AE", "--data", "DigitsDataModule", "--model.img_shape", "[1,8,8]", *QUIET]
+    args += ["--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"]
+    main(args)
+    main(args)
+    runs = sorted(p.name for p in Path("runs").glob("version_*"))
+    assert runs == ["version_0", "version_1"]
+    for run in runs:
+        assert "class_path: dgm_lightning.AE" in Path("runs", run, "config.yaml").read_text()
+        with open(Path("runs", run, "metrics.csv")) as f:
+            assert "val/reconstruction" in next(csv.reader(f))
+
+
+def test_wandb_name_and_tags_come_from_flags():
+    cli = main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "1", "--trainer.logger.name", "my-run",
+                "--trainer.logger.tags", "[vae, test]", *QUIET])  # fmt: skip
+    cli.trainer.logger.experiment.finish()
+    (wandb_run,) = Path("runs/wandb").glob("offline-run-*")
+    (run,) = [r.run for r in wandb_records(wandb_run) if r.WhichOneof("record_type") == "run"]
+    assert run.display_name == "my-run" and list(run.tags) == ["vae", "test"] and run.project == "dgm-lightning"
+
+
+def test_print_config_shows_the_resolved_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DEFAULT_CONFIG), "--model.latent_dim", "32", "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: dgm_lightning.VAE" in out and "latent_dim: 32" in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model.latnt_dim", "3"], "latnt_dim"),
+        (["--model.latent_dim", "three"], "latent_dim"),
+        (["--trainer.max_epoch", "3"], "max_epoch"),
+        (["--model.likelihood", "poisson"], "likelihood"),
+    ],
+)
+def test_unknown_or_mistyped_flags_exit_with_jsonargparse_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DEFAULT_CONFIG), *flags])
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model.latent_dim", "0"], "latent_dim must be a positive integer"),
+        (["--model.beta", "-1"], "beta must be >= 0"),
+        (["--model.img_shape", "[1,28,28]"], r"built for images of shape \(1, 28, 28\)"),
+    ],
+)
+def test_bad_values_fail_with_a_clear_message(flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.logger", "false", *flags])
