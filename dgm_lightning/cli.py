@@ -85,6 +85,8 @@ class DGMCLI(LightningCLI):
             },
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False},
+            # a mistyped flag such as --trainer.max_epoch must fail, not be taken as an abbreviation
+            parser_kwargs={"allow_abbrev": False},
             args=args,
             run=run,
         )
