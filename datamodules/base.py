@@ -16,12 +16,12 @@ class DataSpec:
     """What a DataModule yields; models compare it with their own settings in ``setup``.
 
     Args:
-        img_shape: (C, H, W) of one image.
+        data_shape: shape of one example: (C, H, W) for images, (D,) for vectors.
         value_range: (low, high) of pixel values.
         num_classes: number of label classes, None when the data has no labels.
     """
 
-    img_shape: tuple[int, int, int]
+    data_shape: tuple[int, ...]
     value_range: tuple[float, float]
     num_classes: int | None
 

@@ -1,4 +1,4 @@
-"""Deterministic autoencoder, trained by maximising the decoder's likelihood of the input."""
+"""Autoencoders: the latent-variable base shared with the VAE, and the deterministic AE."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ class LatentVariableModel(GenerativeModel):
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
-        super().__init__(img_shape=img_shape, value_range=value_range, num_classes=num_classes)
+        if len(img_shape) != 3:
+            raise ValueError(f"img_shape must be three sizes (C, H, W), got {tuple(img_shape)}")
+        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes)
         self.save_hyperparameters(ignore=["encoder", "decoder"])
         if not isinstance(latent_dim, int) or latent_dim <= 0:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
@@ -69,11 +71,11 @@ class LatentVariableModel(GenerativeModel):
         self.likelihood = likelihood
         self.lr = lr
         cond = num_classes or 0
-        c, h, w = self.img_shape
+        c, h, w = self.data_shape
         if encoder is None:
             encoder = build_encoder(architecture, (c + cond, h, w), self.encoder_out_dim, hidden_dims)
         if decoder is None:
-            decoder = build_decoder(architecture, latent_dim + cond, self.img_shape, hidden_dims)
+            decoder = build_decoder(architecture, latent_dim + cond, self.data_shape, hidden_dims)
         self.encoder, self.decoder = encoder, decoder
         log_scale = torch.tensor(float(gaussian_scale)).log()
         if likelihood == "gaussian_learned":
@@ -130,17 +132,20 @@ class LatentVariableModel(GenerativeModel):
     def decoder_distribution(self, z: Tensor, labels: Tensor | None) -> Distribution:
         """p(x | z) as a torch distribution over whole images."""
         params = self.decoder(self.condition_vectors(z, labels))
-        if params.shape[1:] != self.img_shape:
-            raise ValueError(f"the decoder must output shape (B, {self.img_shape}), got {tuple(params.shape)}")
+        if params.shape[1:] != self.data_shape:
+            raise ValueError(f"the decoder must output shape (B, {self.data_shape}), got {tuple(params.shape)}")
         return objectives.reconstruction_distribution(self.likelihood, params, log_scale=self.log_scale)
 
     def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
         """Named scalar terms of the objective (``loss`` is minimised) and the codes of x."""
         raise NotImplementedError
 
-    def _shared_step(self, batch, stage: str) -> dict[str, Tensor]:
+    def _shared_step(self, batch, stage: str) -> dict[str, Tensor] | None:
+        """Compute and log the loss terms; None for a training step skipped by the divergence policy."""
         x, labels = self.unpack_batch(batch)
         terms, codes = self.loss_terms(x, labels)
+        if stage == "train" and self.skip_nonfinite(terms):
+            return None
         self.log_terms(terms, stage, batch_size=x.shape[0])
         if stage == "val":
             self.val_codes.update(codes.detach())
@@ -148,8 +153,9 @@ class LatentVariableModel(GenerativeModel):
 
     # -- Lightning hooks -----------------------------------------------------------------------
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")["loss"]
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
+        terms = self._shared_step(batch, "train")
+        return None if terms is None else terms["loss"]  # None: Lightning skips the optimizer step
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -1,4 +1,4 @@
-"""Plumbing shared by the image models: data checks, label conditioning, logging."""
+"""Plumbing shared by the models: data checks, label conditioning, divergence policy, logging."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -18,31 +19,39 @@ def check_positive(**values: float | None) -> None:
 
 
 class GenerativeModel(L.LightningModule):
-    """Base of the image models: holds what the model expects of its data and checks it.
+    """Base of the models: holds what the model expects of its data and checks it.
+
+    Divergence policy (``skip_nonfinite``): a training step whose loss terms are not all finite is
+    skipped on every rank together, with a warning naming the terms; after ``max_nonfinite_steps``
+    such steps in a row, training stops with an error naming them. Weights are never updated from a
+    non-finite loss.
 
     Args:
-        img_shape: (C, H, W) of the images.
-        value_range: (low, high) of pixel values.
+        data_shape: shape of one example: (C, H, W) for images, (D,) for vectors.
+        value_range: (low, high) of the data's values.
         num_classes: number of classes for a class-conditional model, None for an unconditional one.
     """
 
     def __init__(
         self,
         *,
-        img_shape: Sequence[int],
+        data_shape: Sequence[int],
         value_range: Sequence[float],
         num_classes: int | None,
     ) -> None:
         super().__init__()
-        if len(img_shape) != 3 or any(int(s) <= 0 for s in img_shape):
-            raise ValueError(f"img_shape must be three positive sizes (C, H, W), got {tuple(img_shape)}")
+        if len(data_shape) == 0 or any(int(s) <= 0 for s in data_shape):
+            raise ValueError(f"the data shape must be positive sizes, such as (C, H, W), got {tuple(data_shape)}")
         if len(value_range) != 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 for a conditional model (or None), got {num_classes}")
-        self.img_shape = tuple(int(s) for s in img_shape)
+        self.data_shape = tuple(int(s) for s in data_shape)
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.num_classes = num_classes
+        self.nonfinite_steps = 0
+
+    max_nonfinite_steps = 10
 
     # -- data contract -------------------------------------------------------------------------
 
@@ -53,11 +62,11 @@ class GenerativeModel(L.LightningModule):
         if spec is None:
             return
         name = type(self).__name__
-        if tuple(spec.img_shape) != self.img_shape:
+        if tuple(spec.data_shape) != self.data_shape:
             raise ValueError(
-                f"{name} was built for images of shape {self.img_shape} (C, H, W) but "
-                f"{type(datamodule).__name__} yields {tuple(spec.img_shape)}; "
-                f'set img_shape to match (CLI: --model.img_shape "{list(spec.img_shape)}")'
+                f"{name} was built for examples of shape {self.data_shape} but "
+                f"{type(datamodule).__name__} yields {tuple(spec.data_shape)}; set the model's shape to match "
+                f'(for image models: --model.img_shape "{list(spec.data_shape)}")'
             )
         if tuple(spec.value_range) != self.value_range:
             raise ValueError(
@@ -79,7 +88,7 @@ class GenerativeModel(L.LightningModule):
             )
 
     def unpack_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Split a batch into images and labels and check the images' shape (a cheap, sync-free check)."""
+        """Split a batch into data and labels and check the data's shape (a cheap, sync-free check)."""
         if isinstance(batch, Tensor):
             x, y = batch, None
         elif isinstance(batch, (list, tuple)) and len(batch) in (1, 2):
@@ -89,10 +98,10 @@ class GenerativeModel(L.LightningModule):
                 f"{type(self).__name__} expects a batch that is an image tensor or an (images, labels) pair, "
                 f"got {type(batch).__name__}"
             )
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.img_shape:
+        if tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(
-                f"{type(self).__name__} expects images of shape (B, {', '.join(map(str, self.img_shape))}) "
-                f"but got a batch of shape {tuple(x.shape)}; set img_shape to match the data"
+                f"{type(self).__name__} expects batches of shape (B, {', '.join(map(str, self.data_shape))}) "
+                f"but got {tuple(x.shape)}; set the model's shape (img_shape for image models) to match the data"
             )
         if self.num_classes is None:
             return x, None
@@ -101,6 +110,23 @@ class GenerativeModel(L.LightningModule):
                 f"{type(self).__name__} is conditional (num_classes={self.num_classes}) but the batch has no labels"
             )
         return x, y
+
+    def skip_nonfinite(self, terms: dict[str, Tensor]) -> bool:
+        """Apply the divergence policy to this step's loss terms; True means: skip the step."""
+        finite = bool(torch.stack([v.detach().isfinite().all() for v in terms.values()]).all())
+        # every rank must agree, or the ranks that step would wait forever for the others' gradients
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.nonfinite_steps = 0
+            return False
+        self.nonfinite_steps += 1
+        bad = ", ".join(name for name, v in terms.items() if not v.detach().isfinite().all()) or "on another rank"
+        if self.nonfinite_steps >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite loss terms ({bad}) in {self.nonfinite_steps} training steps in a "
+                "row; stopping. Check the data for NaN/Inf, lower the learning rate, or clip gradients"
+            )
+        rank_zero_warn(f"{type(self).__name__}: skipping a training step with non-finite loss terms: {bad}")
+        return True
 
     # -- class conditioning ----------------------------------------------------------------------
 

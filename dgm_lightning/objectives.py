@@ -42,15 +42,16 @@ def reconstruction_distribution(likelihood: str, params: Tensor, *, log_scale: T
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
     event_dims = params.dim() - 1
+    # validate_args=False throughout: the Bernoullis also score grey levels in [0, 1], as is common, and
+    # non-finite parameters are left to the models' divergence policy to report
     if likelihood == "bernoulli":
-        # validate_args=False: the Bernoulli is used on grey levels in [0, 1] as well, as is common
         base: Distribution = Bernoulli(logits=params, validate_args=False)
     elif likelihood == "continuous_bernoulli":
         base = ContinuousBernoulli(logits=params, validate_args=False)
     else:
         if log_scale is None:
             raise ValueError(f"likelihood {likelihood!r} needs log_scale")
-        base = Normal(params, log_scale.exp().expand_as(params))
+        base = Normal(params, log_scale.exp().expand_as(params), validate_args=False)
     return Independent(base, event_dims)
 
 

@@ -77,7 +77,8 @@ class VAE(LatentVariableModel):
     def posterior(self, x: Tensor, *, labels: Tensor | None = None) -> Normal:
         """q(z | x) with batch shape (B, latent_dim)."""
         loc, log_var = self.encoder_output(x, labels).chunk(2, dim=1)
-        return Normal(loc, (0.5 * log_var).exp())
+        # validate_args=False: non-finite values are the divergence policy's to report, not a crash here
+        return Normal(loc, (0.5 * log_var).exp(), validate_args=False)
 
     def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
         """Images (B, C, H, W) -> posterior means (B, latent_dim)."""

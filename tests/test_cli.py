@@ -143,7 +143,7 @@ def test_unknown_or_mistyped_flags_exit_with_jsonargparse_message(flags, message
     [
         (["--model.latent_dim", "0"], "latent_dim must be a positive integer"),
         (["--model.beta", "-1"], "beta must be >= 0"),
-        (["--model.img_shape", "[1,28,28]"], r"built for images of shape \(1, 28, 28\)"),
+        (["--model.img_shape", "[1,28,28]"], r"built for examples of shape \(1, 28, 28\)"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(flags, message):

@@ -135,7 +135,7 @@ def test_vae_checkpoint_loads_in_a_fresh_model_with_weights_only(digits, tmp_pat
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(max_epochs=1, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, datamodule=digits)
     restored = VAE.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
-    assert restored.hparams.beta == 0.5 and restored.img_shape == (1, 8, 8)
+    assert restored.hparams.beta == 0.5 and restored.data_shape == (1, 8, 8)
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -177,7 +177,8 @@ def test_an_encoder_with_the_wrong_output_size_is_named_in_the_error():
         ({"likelihood": "poisson"}, "choose one of: bernoulli, continuous_bernoulli, gaussian, gaussian_learned"),
         ({"architecture": "resnet"}, "choose one of: mlp, conv"),
         ({"value_range": (-1.0, 1.0)}, "bernoulli likelihood models pixels in"),
-        ({"img_shape": (8, 8)}, "img_shape must be three positive sizes"),
+        ({"img_shape": (8, 8)}, "img_shape must be three sizes"),
+        ({"img_shape": (1, 0, 8)}, "must be positive sizes"),
         ({"num_classes": 1}, "num_classes must be >= 2"),
     ],
 )
@@ -188,7 +189,7 @@ def test_bad_constructor_arguments_fail_clearly(kwargs, message):
 
 @pytest.mark.parametrize(
     "img_shape, message",
-    [((1, 28, 28), r"built for images of shape \(1, 28, 28\).*yields \(1, 8, 8\)"), ((3, 8, 8), r"\(3, 8, 8\)")],
+    [((1, 28, 28), r"built for examples of shape \(1, 28, 28\).*yields \(1, 8, 8\)"), ((3, 8, 8), r"\(3, 8, 8\)")],
 )
 def test_a_model_that_does_not_fit_the_datamodule_fails_before_training(img_shape, message, digits):
     with pytest.raises(ValueError, match=message):
@@ -197,7 +198,7 @@ def test_a_model_that_does_not_fit_the_datamodule_fails_before_training(img_shap
 
 def test_a_batch_of_the_wrong_shape_is_named():
     loader = DataLoader(TensorDataset(torch.rand(8, 3, 8, 8)), batch_size=4)
-    with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, 8, 8\).*\(4, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"expects batches of shape \(B, 1, 8, 8\).*\(4, 3, 8, 8\)"):
         trainer(fast_dev_run=True).fit(VAE(**DIGITS), train_dataloaders=loader)
 
 
@@ -214,3 +215,28 @@ def test_a_conditional_model_on_unlabelled_data_says_so():
     loader = DataLoader(TensorDataset(images(8)), batch_size=4)
     with pytest.raises(ValueError, match="conditional.*no labels"):
         trainer(fast_dev_run=True).fit(VAE(num_classes=10, **DIGITS), train_dataloaders=loader)
+
+
+def test_a_nonfinite_step_is_skipped_without_touching_the_weights():
+    model = VAE(latent_dim=2, **DIGITS)
+    before = [p.detach().clone() for p in model.parameters()]
+    nan_batch = DataLoader(TensorDataset(torch.full((8, 1, 8, 8), float("nan"))), batch_size=8)
+    with pytest.warns(UserWarning, match="skipping a training step with non-finite loss terms: loss, elbo"):
+        trainer(max_epochs=1).fit(model, train_dataloaders=nan_batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    x = images(16)
+    x[:8] = float("nan")  # the first of two batches
+    trainer(max_epochs=1).fit(model, train_dataloaders=DataLoader(TensorDataset(x), batch_size=8))
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert model.nonfinite_steps == 0  # reset by the finite step
+
+
+def test_repeated_nonfinite_steps_stop_training_naming_the_terms():
+    model = VAE(latent_dim=2, **DIGITS)
+    model.max_nonfinite_steps = 3
+    nan_batches = DataLoader(TensorDataset(torch.full((32, 1, 8, 8), float("nan"))), batch_size=8)
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss terms \(loss, elbo, reconstruction, kl\) in 3 training steps"
+    ):
+        trainer(max_epochs=1).fit(model, train_dataloaders=nan_batches)
