@@ -2,5 +2,12 @@
 
 from datamodules.base import DataSpec, InMemoryImageDataModule
 from datamodules.digits import DigitsDataModule
+from datamodules.mnist import FashionMNISTDataModule, MNISTDataModule
 
-__all__ = ["DataSpec", "DigitsDataModule", "InMemoryImageDataModule"]
+__all__ = [
+    "DataSpec",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "InMemoryImageDataModule",
+    "MNISTDataModule",
+]

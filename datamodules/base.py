@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -38,6 +39,9 @@ class InMemoryImageDataModule(L.LightningDataModule):
         test_fraction: share of the data held out for testing.
         value_range: (low, high) the pixel values are mapped to: (0, 1) or (-1, 1) for tanh generators.
         split_seed: seed of the fixed train/val/test split (independent of the training seed).
+        binarize: binary pixels for likelihood benchmarks: training images are drawn anew as Bernoulli
+            samples of their grey levels every time they are seen (dynamic binarization); validation and
+            test images once, with a fixed seed. Needs value_range (0, 1).
         num_workers: DataLoader workers; 0 is right for tensors already in memory.
     """
 
@@ -52,6 +56,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         value_range: Sequence[float] = (0.0, 1.0),
         split_seed: int = 0,
+        binarize: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -64,6 +69,8 @@ class InMemoryImageDataModule(L.LightningDataModule):
             )
         if len(value_range) != 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
+        if binarize and tuple(value_range) != (0.0, 1.0):
+            raise ValueError(f"binarize needs value_range (0, 1), got {tuple(value_range)}")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.value_range = (float(value_range[0]), float(value_range[1]))
@@ -74,30 +81,63 @@ class InMemoryImageDataModule(L.LightningDataModule):
         return DataSpec(tuple(self.img_shape), self.value_range, self.num_classes)
 
     def load(self) -> tuple[Tensor, Tensor | None]:
-        """All images as a float tensor (N, C, H, W) with values in [0, 1], and labels (N,) or None."""
+        """All images as a float tensor (N, C, H, W) with values in [0, 1], and labels (N,) or None.
+
+        For a dataset with an official test set (see ``load_test``): its training images only.
+        """
         raise NotImplementedError
+
+    def load_test(self) -> tuple[Tensor, Tensor | None] | None:
+        """The dataset's official test set, like ``load()``; None (the default) carves one out by test_fraction."""
+        return None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        images, labels = self.load()
+        test = self.load_test()
+        fractions = {"val": self.hparams.val_fraction}
+        if test is None:
+            fractions["test"] = self.hparams.test_fraction
+        self.splits = self._split(*self._prepare(*self.load()), fractions)
+        if test is not None:
+            self.splits["test"] = TensorDataset(*(t for t in self._prepare(*test) if t is not None))
+        if self.hparams.binarize:
+            # evaluation splits are binarized once, with a fixed seed, so that scores are comparable
+            generator = torch.Generator().manual_seed(self.hparams.split_seed)
+            for split in ("val", "test"):
+                images, *labels = self.splits[split].tensors
+                self.splits[split] = TensorDataset(torch.bernoulli(images, generator=generator), *labels)
+
+    def _prepare(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Check what load() returned and map it to value_range."""
         self._check(images, labels)
         low, high = self.value_range
-        images = images * (high - low) + low
+        return images * (high - low) + low, labels
+
+    def _split(self, images: Tensor, labels: Tensor | None, fractions: dict[str, float]) -> dict[str, TensorDataset]:
+        """A fixed random split: the given fractions for the named splits, the rest for training."""
         n = images.shape[0]
-        n_val, n_test = round(n * self.hparams.val_fraction), round(n * self.hparams.test_fraction)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
-        bounds = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}
-        for split, (start, stop) in bounds.items():
-            idx = order[start:stop]
-            if len(idx) == 0:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed)).tolist()
+        sizes = {split: round(n * fraction) for split, fraction in fractions.items()}
+        sizes = {"train": n - sum(sizes.values()), **sizes}
+        splits, start = {}, 0
+        for split, size in sizes.items():
+            if size <= 0:
                 raise ValueError(
-                    f"{type(self).__name__}: the {split} split is empty ({n} examples, val_fraction="
-                    f"{self.hparams.val_fraction}, test_fraction={self.hparams.test_fraction}); "
+                    f"{type(self).__name__}: the {split} split is empty ({n} examples, fractions {fractions}); "
                     "use more data or other fractions"
                 )
-            tensors = (images[idx],) if labels is None else (images[idx], labels[idx])
-            self.splits[split] = TensorDataset(*tensors)
+            idx = order[start : start + size]
+            start += size
+            splits[split] = TensorDataset(images[idx]) if labels is None else TensorDataset(images[idx], labels[idx])
+        return splits
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # dynamic binarization: a fresh binary draw of every training image each time it is seen
+        if self.hparams.binarize and self.trainer is not None and self.trainer.training:
+            images, *labels = batch
+            return [torch.bernoulli(images), *labels]
+        return batch
 
     def _check(self, images: Tensor, labels: Tensor | None) -> None:
         name = type(self).__name__

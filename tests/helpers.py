@@ -59,3 +59,24 @@ def wandb_history_keys(run_dir) -> set[str]:
         if record.WhichOneof("record_type") == "history":
             keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
     return keys
+
+
+def write_idx_files(folder, *, n_train: int = 24, n_test: int = 8, gz: bool = True, size: int = 28) -> None:
+    """The four MNIST-format files (IDX, as distributed) with random images and labels 0-9."""
+    import gzip
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=generator)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        for kind, tensor in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+            data = header + tensor.numpy().tobytes()
+            name = f"{prefix}-{kind}-ubyte"
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)

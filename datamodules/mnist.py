@@ -1,0 +1,129 @@
+"""MNIST and Fashion-MNIST, from torchvision's download or from a folder of the original IDX files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor
+
+from datamodules.base import InMemoryImageDataModule
+
+# the files as distributed; each may also lie uncompressed, as torchvision extracts them
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> Tensor:
+    """An IDX file (the MNIST format), gzipped or not, as a uint8 tensor.
+
+    Written out because torchvision's reader opens only uncompressed files, while the files as
+    distributed (and as Debian's dataset-fashion-mnist installs them) are gzipped.
+    """
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad header)")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = data[4 + 4 * ndim :]
+    if len(body) != torch.Size(shape).numel():
+        raise ValueError(f"{path} is truncated: header says {shape}, found {len(body)} bytes of data")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(shape)
+
+
+class MNISTDataModule(InMemoryImageDataModule):
+    """MNIST digits, 28x28 grey levels, 10 classes; decoded once into memory.
+
+    The official 10,000 test images are the test split; ``val_fraction`` of the 60,000 training images,
+    chosen by ``split_seed``, are the validation split.
+
+    Args:
+        data_dir: a folder holding the four original files (``train-images-idx3-ubyte.gz``, ...,
+            gzipped or not), or torchvision's layout (``<data_dir>/<dataset>/raw/``), where ``download``
+            puts them.
+        download: fetch the files with torchvision when they are missing.
+        Others: see ``InMemoryImageDataModule``.
+
+    References: LeCun et al. 1998.
+    """
+
+    img_shape = (1, 28, 28)
+    num_classes = 10
+    torchvision_dataset = torchvision.datasets.MNIST
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        *,
+        download: bool = False,
+        batch_size: int = 128,
+        val_fraction: float = 1 / 12,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        split_seed: int = 0,
+        binarize: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            value_range=value_range,
+            split_seed=split_seed,
+            binarize=binarize,
+            num_workers=num_workers,
+        )
+        self.data_dir = Path(data_dir)
+        self.download = download
+
+    @property
+    def search_dirs(self) -> list[Path]:
+        return [self.data_dir, self.data_dir / self.torchvision_dataset.__name__ / "raw"]
+
+    def prepare_data(self) -> None:
+        if self.download and self._find("train") is None:
+            for train in (True, False):
+                self.torchvision_dataset(str(self.data_dir), train=train, download=True)
+
+    def _find(self, split: str) -> tuple[Path, Path] | None:
+        """The (images, labels) files of a split, in the first folder that has both."""
+        for folder in self.search_dirs:
+            found = [
+                next((p for p in (folder / f"{name}.gz", folder / name) if p.is_file()), None) for name in FILES[split]
+            ]
+            if all(found):
+                return found[0], found[1]
+        return None
+
+    def _read(self, split: str) -> tuple[Tensor, Tensor]:
+        paths = self._find(split)
+        if paths is None:
+            names = ", ".join(f"{name}[.gz]" for pair in FILES.values() for name in pair)
+            folders = " or ".join(str(f) for f in self.search_dirs)
+            raise FileNotFoundError(
+                f"{type(self).__name__}: the {split} files are missing; expected {names} in {folders}. "
+                "Set data_dir to the folder holding them, "
+                "or download: true to fetch them (for Fashion-MNIST on Debian: apt-get install dataset-fashion-mnist, "
+                "then data_dir: /usr/share/datasets/fashion-mnist)"
+            )
+        images, labels = (read_idx(p) for p in paths)
+        if images.shape[1:] != self.img_shape[1:] or labels.shape != images.shape[:1]:
+            raise ValueError(f"{paths[0]}: {tuple(images.shape)} images with {tuple(labels.shape)} labels do not match")
+        return images.unsqueeze(1).float() / 255.0, labels.long()
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        return self._read("train")
+
+    def load_test(self) -> tuple[Tensor, Tensor]:
+        return self._read("test")
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST: Zalando's 28x28 grey-level clothing images, 10 classes. Args: see ``MNISTDataModule``.
+
+    References: Xiao et al. 2017, arXiv:1708.07747.
+    """
+
+    torchvision_dataset = torchvision.datasets.FashionMNIST
