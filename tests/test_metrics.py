@@ -1,0 +1,152 @@
+"""Generative metrics: the offline classifier, FID/KID against float64 references, the callback end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from callbacks import ClassifierFeatures, GenerativeMetrics, InceptionFeatures
+from datamodules import DigitsDataModule
+from dgm_lightning import VAE, Classifier
+from tests.helpers import trainer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("classifier")
+    model = Classifier(10, img_shape=(1, 8, 8), feature_dim=32, hidden_dims=[16, 32])
+    t = trainer(max_epochs=8, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=folder, save_last=True)])
+    t.fit(model, datamodule=digits)
+    (result,) = t.test(model, datamodule=digits, verbose=False)
+    return folder / "last.ckpt", result["test/accuracy"]
+
+
+def test_the_offline_classifier_learns_digits(classifier_checkpoint):
+    _, accuracy = classifier_checkpoint
+    # seen: 0.92 test accuracy after 8 epochs
+    assert accuracy > 0.85
+
+
+@pytest.fixture(scope="module")
+def features(classifier_checkpoint):
+    classifier = Classifier.load_from_checkpoint(classifier_checkpoint[0], weights_only=True)
+    return ClassifierFeatures(classifier, "features")
+
+
+def unit_images(digits, split="test"):
+    return digits.splits[split].tensors[0]  # digits are in [0, 1] already
+
+
+def fid_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """FID in float64 from feature matrices (N, D), with scipy's matrix square root."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_fid_matches_a_float64_reference_is_zero_for_a_set_against_itself_and_grows_with_noise(digits, features):
+    real = unit_images(digits)
+    generator = torch.Generator().manual_seed(0)
+
+    def fid(fake):
+        metric = FrechetInceptionDistance(features, normalize=True)
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+        return metric.compute().item()
+
+    assert abs(fid(real)) < 1e-3
+    noisy = [(real + s * torch.randn(real.shape, generator=generator)).clamp(0, 1) for s in (0.1, 0.3, 0.6)]
+    scores = [fid(x) for x in noisy]
+    assert scores[0] < scores[1] < scores[2] and scores[0] > 0, scores
+    with torch.no_grad():
+        reference = fid_reference(features(real).double().numpy(), features(noisy[1]).double().numpy())
+    assert scores[1] == pytest.approx(reference, rel=1e-3)
+
+
+def test_kid_matches_a_float64_reference(digits, features):
+    real, fake = unit_images(digits)[:100], unit_images(digits, "val")[:100]
+    metric = KernelInceptionDistance(features, subsets=1, subset_size=100, normalize=True)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    kid = metric.compute()[0].item()
+    with torch.no_grad():
+        x, y = features(real).double(), features(fake).double()
+    d = x.shape[1]
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731  (the polynomial kernel of the KID paper)
+    n = x.shape[0]
+    k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+    mmd = (k_xx.sum() - k_xx.trace()) / (n * (n - 1)) + (k_yy.sum() - k_yy.trace()) / (n * (n - 1))
+    mmd -= 2 * k_xy.mean()
+    assert kid == pytest.approx(mmd.item(), rel=1e-3)  # torchmetrics sums kernels in float32
+
+
+def test_callback_logs_fid_kid_is_while_training_and_testing(digits, classifier_checkpoint, tmp_path):
+    metrics = GenerativeMetrics(
+        metrics=["fid", "kid", "is"], classifier_checkpoint=str(classifier_checkpoint[0]),
+        num_samples=150, batch_size=64, kid_subset_size=50,
+    )  # fmt: skip
+    model = VAE(latent_dim=4, img_shape=(1, 8, 8), hidden_dims=[64])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    t = trainer(max_epochs=3, enable_checkpointing=True, callbacks=[metrics, checkpoint])
+    t.fit(model, datamodule=digits)
+    logged = {k: v.item() for k, v in t.callback_metrics.items()}
+    assert {"val/fid", "val/kid", "val/kid_std", "val/is", "val/is_std"} <= set(logged)
+    assert logged["val/fid"] > 0 and 1 <= logged["val/is"] <= 10  # IS lies between 1 and the number of classes
+    (test,) = t.test(model, datamodule=digits, verbose=False)
+    assert test["test/fid"] > 0 and "test/kid" in test
+    # the feature extractor is the callback's, never part of the model's checkpoint
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any("classifier" in key for key in state)
+
+
+def test_samples_improve_fid_over_an_untrained_model(digits, classifier_checkpoint):
+    metrics = GenerativeMetrics(
+        classifier_checkpoint=str(classifier_checkpoint[0]), num_samples=180, kid_subset_size=50
+    )
+    model = VAE(latent_dim=8, img_shape=(1, 8, 8), hidden_dims=[128])
+    t = trainer(max_epochs=1, limit_train_batches=0, callbacks=[metrics])
+    (before,) = t.test(model, datamodule=digits, verbose=False)
+    trainer(max_epochs=10).fit(model, datamodule=digits)
+    (after,) = t.test(model, datamodule=digits, verbose=False)
+    # seen: FID 121 untrained and 44 after 10 epochs on these classifier features
+    assert after["test/fid"] < 0.5 * before["test/fid"], (before, after)
+
+
+def test_too_few_samples_fail_clearly(digits, classifier_checkpoint):
+    with pytest.raises(ValueError, match="kid_subset_size <= num_samples"):
+        GenerativeMetrics(num_samples=50, kid_subset_size=100)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        GenerativeMetrics(metrics=["fid", "precision"])
+    metrics = GenerativeMetrics(
+        classifier_checkpoint=str(classifier_checkpoint[0]), num_samples=500, kid_subset_size=400
+    )
+    with pytest.raises(ValueError, match="only 180 real images.*fewer than kid_subset_size=400"):
+        trainer(max_epochs=1, limit_train_batches=1, callbacks=[metrics]).fit(
+            VAE(img_shape=(1, 8, 8)), datamodule=digits
+        )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is not None, reason="torch-fidelity is installed")
+def test_inception_without_torch_fidelity_points_at_the_extra_and_the_offline_option():
+    with pytest.raises(ModuleNotFoundError, match=r"torch-fidelity.*classifier_checkpoint"):
+        InceptionFeatures("2048")
+
+
+def test_a_missing_inception_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-weights.pth"):
+        InceptionFeatures("2048", weights_path=str(tmp_path / "no-weights.pth"))
