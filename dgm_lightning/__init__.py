@@ -3,8 +3,7 @@
 from dgm_lightning.autoencoder import AE, LatentVariableModel
 from dgm_lightning.base import GenerativeModel
 from dgm_lightning.classifier import Classifier
-from dgm_lightning.gan import GAN
 from dgm_lightning.vae import VAE
 
-__all__ = ["AE", "Classifier", "GAN", "GenerativeModel", "LatentVariableModel", "VAE"]
+__all__ = ["AE", "Classifier", "GenerativeModel", "LatentVariableModel", "VAE"]
 __version__ = "0.1.0"
