@@ -27,6 +27,23 @@ class DataSpec:
     num_classes: int | None
 
 
+def split_indices(n: int, fractions: dict[str, float], seed: int, owner: str) -> dict[str, list[int]]:
+    """A fixed random split of range(n): the given fractions for the named splits, the rest for ``train``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    sizes = {split: round(n * fraction) for split, fraction in fractions.items()}
+    sizes = {"train": n - sum(sizes.values()), **sizes}
+    splits, start = {}, 0
+    for split, size in sizes.items():
+        if size <= 0:
+            raise ValueError(
+                f"{owner}: the {split} split is empty ({n} examples, fractions {fractions}); "
+                "use more data or other fractions"
+            )
+        splits[split] = order[start : start + size]
+        start += size
+    return splits
+
+
 class InMemoryImageDataModule(L.LightningDataModule):
     """Base for image datasets small enough to hold as tensors (no per-sample decoding while training).
 
@@ -115,22 +132,11 @@ class InMemoryImageDataModule(L.LightningDataModule):
         return images * (high - low) + low, labels
 
     def _split(self, images: Tensor, labels: Tensor | None, fractions: dict[str, float]) -> dict[str, TensorDataset]:
-        """A fixed random split: the given fractions for the named splits, the rest for training."""
-        n = images.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed)).tolist()
-        sizes = {split: round(n * fraction) for split, fraction in fractions.items()}
-        sizes = {"train": n - sum(sizes.values()), **sizes}
-        splits, start = {}, 0
-        for split, size in sizes.items():
-            if size <= 0:
-                raise ValueError(
-                    f"{type(self).__name__}: the {split} split is empty ({n} examples, fractions {fractions}); "
-                    "use more data or other fractions"
-                )
-            idx = order[start : start + size]
-            start += size
-            splits[split] = TensorDataset(images[idx]) if labels is None else TensorDataset(images[idx], labels[idx])
-        return splits
+        indices = split_indices(images.shape[0], fractions, self.hparams.split_seed, type(self).__name__)
+        return {
+            split: TensorDataset(images[idx]) if labels is None else TensorDataset(images[idx], labels[idx])
+            for split, idx in indices.items()
+        }
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # dynamic binarization: a fresh binary draw of every training image each time it is seen

@@ -80,3 +80,21 @@ def write_idx_files(folder, *, n_train: int = 24, n_test: int = 8, gz: bool = Tr
                 (folder / f"{name}.gz").write_bytes(gzip.compress(data))
             else:
                 (folder / name).write_bytes(data)
+
+
+def write_image(image: torch.Tensor, path) -> None:
+    """Save a uint8 (C, H, W) tensor as an image file; the format follows the suffix (PNG, JPEG, ...)."""
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def read_image(path) -> torch.Tensor:
+    """An image file as a uint8 (C, H, W) tensor."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.array(image)
+    return torch.from_numpy(array).unsqueeze(0) if array.ndim == 2 else torch.from_numpy(array).permute(2, 0, 1)

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import decode_png
 
 from datamodules import DigitsDataModule
 from dgm_lightning import VAE
 from dgm_lightning.cli import DEFAULT_CONFIG, main
-from tests.helpers import wandb_history_keys, wandb_records
+from tests.helpers import read_image, wandb_history_keys, wandb_records
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["--trainer.enable_progress_bar", "false"]
@@ -43,7 +42,7 @@ def test_default_job_leaves_checkpoint_images_and_config(default_job):
     for kind in ("samples", "reconstructions", "interpolations"):
         pngs = sorted((run / "images" / kind).glob("epoch_*.png"))
         assert [p.name for p in pngs] == [f"epoch_{e:04d}.png" for e in range(9, 60, 10)]
-        grid = decode_png(torch.frombuffer(bytearray(pngs[-1].read_bytes()), dtype=torch.uint8))
+        grid = read_image(pngs[-1])
         assert grid.dtype == torch.uint8 and grid.shape[0] == 1 and grid.float().std() > 10
     assert "class_path: dgm_lightning.VAE" in (run / "config.yaml").read_text()
 
