@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +19,8 @@ class VAE(LatentVariableModel):
     The training loss is ``-E_q[log p(x|z)] + beta * KL`` where the KL may be floored per dimension
     (free bits). ``beta`` and ``free_bits`` are plain float attributes, so a schedule callback can
     anneal them. Validation logs the ELBO, its terms and the number of active units; test also logs
-    ``test/nll``, the importance-weighted estimate of -log p(x) with ``iwae_samples`` samples.
+    ``test/nll``, the importance-weighted estimate of -log p(x) with ``iwae_samples`` samples (nats per
+    example), and ``test/bpd``, the same in bits per dimension.
 
     Args:
         latent_dim: size of z.
@@ -124,7 +126,8 @@ class VAE(LatentVariableModel):
         super().test_step(batch, batch_idx)
         x, labels = self.unpack_batch(batch)
         nll = -self.log_prob(x, labels=labels, num_samples=self.iwae_samples).mean()
-        self.log_terms({"nll": nll}, "test", batch_size=x.shape[0])
+        bpd = objectives.bits_per_dim(nll, math.prod(self.data_shape))
+        self.log_terms({"nll": nll, "bpd": bpd}, "test", batch_size=x.shape[0])
 
     def on_validation_codes(self, codes: Tensor) -> None:
         # codes are already gathered from all ranks, so every rank logs the same value

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -150,3 +152,33 @@ def test_inception_without_torch_fidelity_points_at_the_extra_and_the_offline_op
 def test_a_missing_inception_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-weights.pth"):
         InceptionFeatures("2048", weights_path=str(tmp_path / "no-weights.pth"))
+
+
+DDP_SCRIPT = """
+import sys
+import lightning as L
+from callbacks import GenerativeMetrics
+from datamodules import DigitsDataModule
+from dgm_lightning import VAE
+
+L.seed_everything(0)
+metrics = GenerativeMetrics(classifier_checkpoint=sys.argv[1], num_samples=100, kid_subset_size=20)
+trainer = L.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2, logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[metrics],
+)
+trainer.fit(VAE(img_shape=(1, 8, 8), latent_dim=4, hidden_dims=[16]), datamodule=DigitsDataModule())
+print(f"rank {trainer.global_rank} fid {trainer.callback_metrics['val/fid'].item():.6f}", flush=True)
+"""
+
+
+def test_metrics_under_ddp_agree_across_ranks_and_do_not_hang(classifier_checkpoint, tmp_path):
+    (tmp_path / "ddp_metrics.py").write_text(DDP_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "ddp_metrics.py", str(classifier_checkpoint[0])],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split()[1] for line in lines] == ["0", "1"]
+    assert lines[0].split()[3] == lines[1].split()[3]  # one FID, reduced over both ranks' samples
