@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,38 @@ def split_indices(n: int, fractions: dict[str, float], seed: int, owner: str) ->
     return splits
 
 
-class InMemoryImageDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """Dataloaders over ``self.splits`` (train, val, test), filled by a subclass's ``setup``.
+
+    The test split doubles as the predict split: models' ``predict_step`` reconstructs it and draws as
+    many samples. Subclasses save ``batch_size`` and ``num_workers`` as hyperparameters.
+    """
+
+    splits: dict[str, Dataset]
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if not self.splits:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+            num_workers=workers, persistent_workers=workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class InMemoryImageDataModule(SplitDataModule):
     """Base for image datasets small enough to hold as tensors (no per-sample decoding while training).
 
     Subclasses set ``img_shape`` and ``num_classes`` and implement ``load()``. Batches are
@@ -89,7 +120,6 @@ class InMemoryImageDataModule(L.LightningDataModule):
         if binarize and tuple(value_range) != (0.0, 1.0):
             raise ValueError(f"binarize needs value_range (0, 1), got {tuple(value_range)}")
         self.save_hyperparameters()
-        self.batch_size = batch_size
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.splits: dict[str, TensorDataset] = {}
 
@@ -157,25 +187,3 @@ class InMemoryImageDataModule(L.LightningDataModule):
             raise ValueError(f"{name}: load() must return values in [0, 1], got {images.min()}..{images.max()}")
         if labels is not None and labels.shape != (images.shape[0],):
             raise ValueError(f"{name}: expected one label per image, got labels of shape {tuple(labels.shape)}")
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if not self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-            num_workers=workers, persistent_workers=workers > 0,
-        )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        # models' predict_step reconstructs these and draws as many samples
-        return self._loader("test")

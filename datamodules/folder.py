@@ -5,16 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 import torchvision
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
-from datamodules.base import DataSpec, split_indices
+from datamodules.base import DataSpec, SplitDataModule, split_indices
 
 
 class ImageFiles(Dataset):
@@ -33,7 +32,7 @@ class ImageFiles(Dataset):
         return (image,) if self.labels is None else (image, self.labels[index])
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Any folder of images, resized (and optionally center-cropped) to square ``image_size`` images.
 
     A folder with one subfolder per class (torchvision's ImageFolder layout) gives labels; a flat folder
@@ -132,28 +131,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         fractions = {"val": self.hparams.val_fraction, "test": self.hparams.test_fraction}
         indices = split_indices(len(dataset), fractions, self.hparams.split_seed, type(self).__name__)
         self.splits = {split: Subset(dataset, idx) for split, idx in indices.items()}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
 
 class CelebADataModule(ImageFolderDataModule):
