@@ -162,6 +162,25 @@ class GenerativeModel(L.LightningModule):
             return z
         return torch.cat([z, F.one_hot(labels.long(), self.num_classes).to(z.dtype)], dim=1)
 
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning saves no random state, so a resumed run would draw other noise and shuffle other
+        # batches than an uninterrupted one. Every rank's CPU generator state is kept (gathered, since
+        # only rank zero writes the file); CUDA generators are not, so GPU resumes are not bitwise.
+        state = torch.get_rng_state()
+        states = self.all_gather(state) if self._trainer is not None and self.trainer.world_size > 1 else state[None]
+        checkpoint["rng_states"] = states.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # only when a Trainer resumes: loading weights for inference must not reset the caller's random state
+        states = checkpoint.get("rng_states")
+        if self._trainer is None or states is None:
+            return
+        rank = self.trainer.global_rank
+        if rank < states.shape[0]:
+            torch.set_rng_state(states[rank])
+
     # -- logging ---------------------------------------------------------------------------------
 
     def log_terms(self, terms: dict[str, Tensor], stage: str, batch_size: int) -> None:

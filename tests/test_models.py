@@ -241,3 +241,29 @@ def test_repeated_nonfinite_steps_stop_training_naming_the_terms():
         FloatingPointError, match=r"non-finite loss terms \(loss, elbo, reconstruction, kl\) in 3 training steps"
     ):
         trainer(max_epochs=1).fit(model, train_dataloaders=nan_batches)
+
+
+def test_resuming_from_a_checkpoint_reproduces_an_uninterrupted_run(digits, tmp_path):
+    """Same weights, optimizer state and schedule position after 2 epochs straight or 1 + resume."""
+    from callbacks import ParameterSchedule
+
+    def run(max_epochs: int, ckpt_path=None, folder=tmp_path / "a") -> tuple[VAE, L.Trainer]:
+        L.seed_everything(0, verbose=False)
+        model = VAE(latent_dim=3, img_shape=(1, 8, 8), hidden_dims=[32], free_bits=0.1)
+        callbacks = [
+            ParameterSchedule("beta", "cyclical", num_steps=30),
+            ModelCheckpoint(dirpath=folder, save_last=True),
+        ]
+        t = trainer(max_epochs=max_epochs, enable_checkpointing=True, callbacks=callbacks)
+        t.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+        return model, t
+
+    straight, t_straight = run(2)
+    run(1, folder=tmp_path / "b")
+    torch.manual_seed(123)  # whatever the random state before resuming, the checkpoint restores it
+    resumed, t_resumed = run(2, ckpt_path=tmp_path / "b" / "last.ckpt", folder=tmp_path / "b")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    adam_a, adam_b = t_straight.optimizers[0].state_dict(), t_resumed.optimizers[0].state_dict()
+    assert all(torch.equal(adam_a["state"][k]["exp_avg"], adam_b["state"][k]["exp_avg"]) for k in adam_a["state"])
+    assert straight.beta == resumed.beta and t_resumed.callbacks[0].batches_seen == 40
