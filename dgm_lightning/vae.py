@@ -20,7 +20,9 @@ class VAE(LatentVariableModel):
     (free bits). ``beta`` and ``free_bits`` are plain float attributes, so a schedule callback can
     anneal them. Validation logs the ELBO, its terms and the number of active units; test also logs
     ``test/nll``, the importance-weighted estimate of -log p(x) with ``iwae_samples`` samples (nats per
-    example), and ``test/bpd``, the same in bits per dimension.
+    example), and ``test/bpd``, the same in bits per dimension. Compare bpd across models only for the
+    same data space: a Bernoulli likelihood on grey levels is not a density of the discrete images that a
+    flow's bpd measures; on binarized data (``binarize: true``) it is.
 
     Args:
         latent_dim: size of z.
