@@ -184,11 +184,12 @@ class GenerativeModel(L.LightningModule):
     # -- logging ---------------------------------------------------------------------------------
 
     def log_terms(self, terms: dict[str, Tensor], stage: str, batch_size: int) -> None:
-        """Log named scalars as ``{stage}/{name}``; validation and test values are averaged over ranks."""
+        """Log named scalars as ``{stage}/{name}``, averaged over ranks (a few scalars: cheap beside DDP's
+        gradient all-reduce, and epoch means that describe all the data, not rank zero's share)."""
         self.log_dict(
             {f"{stage}/{name}": value for name, value in terms.items()},
             on_step=stage == "train",
             on_epoch=True,
             batch_size=batch_size,
-            sync_dist=stage != "train",
+            sync_dist=True,
         )
