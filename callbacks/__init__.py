@@ -1,7 +1,8 @@
-"""Lightning callbacks: hyperparameter schedules, image grids, prediction writing."""
+"""Lightning callbacks: hyperparameter schedules, image grids, generative metrics, prediction writing."""
 
-from callbacks.images import ImageLogger, PredictionWriter, run_dir
+from callbacks.images import ImageLogger, run_dir
 from callbacks.metrics import ClassifierFeatures, GenerativeMetrics, InceptionFeatures
+from callbacks.predictions import PredictionWriter
 from callbacks.schedule import ParameterSchedule, schedule_value
 
 __all__ = [

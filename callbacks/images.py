@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from torch import Tensor
-from torchvision.io import write_png
 from torchvision.utils import make_grid
+
+from callbacks.density import density_panels, is_2d
+from dgm_lightning.base import check_positive
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -41,19 +43,33 @@ def to_uint8_grid(images: Tensor, value_range: tuple[float, float], nrow: int, m
     return (grid * 255).round().to(torch.uint8)
 
 
+def save_png(grid: Tensor, path: Path) -> None:
+    """A uint8 (C, H, W) image as a PNG file (with PIL: torchvision's image encoders are deprecated)."""
+    array = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
 def save_and_log_grid(trainer: L.Trainer, key: str, grid: Tensor, path: Path) -> None:
     """Write the grid as a PNG, then hand the file to every logger that takes images (W&B's log_image)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(grid, str(path))
+    save_png(grid, path)
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
-            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+            # no step: W&B then files the image under the trainer step of the scalars logged last. Passing
+            # trainer.global_step would misplace it for GANs, whose global_step counts both optimizers' steps
+            logger.log_image(key=key, images=[str(path)])
+
+
+def draws_images(model: L.LightningModule) -> bool:
+    """Whether ImageLogger can draw the model's data: images (C, H, W) or 2D points; not sequences or text."""
+    return len(tuple(getattr(model, "data_shape", (1, 1, 1)))) == 3 or is_2d(model)
 
 
 class ImageLogger(Callback):
-    """After validation epochs, draw samples, reconstructions and latent interpolations as image grids.
+    """After validation epochs, draw samples, reconstructions, latent interpolations and traversals as grids.
 
     Uses only the model protocol: ``sample(n)``, and ``encode``/``decode`` where the model has them.
+    Models of sequences (``data_shape`` neither (C, H, W) nor (2,)) are skipped.
     PNGs go to ``<run dir>/images/<kind>/epoch_XXXX.png``; loggers with ``log_image`` (W&B) receive
     them under ``val/<kind>``. Draws with a fixed seed (the same noise every epoch, so progress is
     visible) without disturbing the training's random state. Runs on rank zero only.
@@ -66,6 +82,13 @@ class ImageLogger(Callback):
         interpolation_steps: images per interpolation row, endpoints included.
         temperature: latent temperature for samples.
         seed: seed of the sampling noise.
+        num_traversal_dims: latent traversals: for this many latent dimensions (one row each), the code of
+            the first validation image with that dimension set to values from -3 to 3 (prior standard
+            deviations for a VAE), ``interpolation_steps`` of them; 0 disables.
+        num_points: for 2D data (models whose ``data_shape`` is (2,)): samples and validation points drawn
+            as 2D histograms beside the heat map of the model's density ``exp(log_prob)``, all in one PNG
+            (``density``) instead of image grids.
+        resolution: pixels per side of each 2D panel.
     """
 
     def __init__(
@@ -78,12 +101,16 @@ class ImageLogger(Callback):
         interpolation_steps: int = 10,
         temperature: float = 1.0,
         seed: int = 0,
+        num_traversal_dims: int = 8,
+        num_points: int = 5000,
+        resolution: int = 128,
     ) -> None:
-        for name, value in dict(
-            every_n_epochs=every_n_epochs, num_samples=num_samples, interpolation_steps=interpolation_steps
-        ).items():
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        check_positive(
+            every_n_epochs=every_n_epochs, num_samples=num_samples, interpolation_steps=interpolation_steps,
+            num_points=num_points, resolution=resolution,
+        )  # fmt: skip
+        if min(num_reconstructions, num_interpolations, num_traversal_dims) < 0:
+            raise ValueError("num_reconstructions, num_interpolations and num_traversal_dims must be >= 0")
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.num_reconstructions = num_reconstructions
@@ -91,12 +118,20 @@ class ImageLogger(Callback):
         self.interpolation_steps = interpolation_steps
         self.temperature = temperature
         self.seed = seed
+        self.num_traversal_dims = num_traversal_dims
+        self.num_points = num_points
+        self.resolution = resolution
         self._inputs: tuple[Tensor, Tensor | None] | None = None
+        self._points: list[Tensor] = []  # validation points of 2D data, up to num_points
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
+        if not draws_images(pl_module):
+            return
+        if is_2d(pl_module) and dataloader_idx == 0 and sum(map(len, self._points)) < self.num_points:
+            self._points.append(pl_module.unpack_batch(batch)[0].detach().cpu())
         # keep the first validation images as fixed inputs for reconstructions and interpolations
         if self._inputs is None and batch_idx == 0 and dataloader_idx == 0 and hasattr(pl_module, "unpack_batch"):
             x, y = pl_module.unpack_batch(batch)
@@ -105,7 +140,7 @@ class ImageLogger(Callback):
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs or not draws_images(pl_module):
             return
         with (
             torch.no_grad(),
@@ -120,6 +155,9 @@ class ImageLogger(Callback):
     def grids(self, model: L.LightningModule) -> dict[str, Tensor]:
         """The image grids to draw, by kind, as uint8 tensors."""
         value_range = getattr(model, "value_range", (0.0, 1.0))
+        if is_2d(model):
+            points = torch.cat(self._points)[: self.num_points] if self._points else None
+            return {"density": density_panels(model, points, value_range, self.num_points, self.resolution)}
         samples = model.sample(self.num_samples, temperature=self.temperature)
         grids = {"samples": to_uint8_grid(samples, value_range, nrow=int(self.num_samples**0.5))}
         if self._inputs is None or not hasattr(model, "encode"):
@@ -134,6 +172,8 @@ class ImageLogger(Callback):
             grids["interpolations"] = to_uint8_grid(
                 self._interpolate(model, x, y, pairs), value_range, self.interpolation_steps
             )
+        if self.num_traversal_dims > 0:
+            grids["traversals"] = to_uint8_grid(self._traverse(model, x, y), value_range, self.interpolation_steps)
         return grids
 
     def _interpolate(self, model: L.LightningModule, x: Tensor, y: Tensor | None, pairs: int) -> Tensor:
@@ -146,31 +186,14 @@ class ImageLogger(Callback):
         row_labels = None if labels is None else labels.repeat_interleave(self.interpolation_steps)
         return model.decode(z, labels=row_labels)
 
-
-class PredictionWriter(BasePredictionWriter):
-    """Write what ``predict`` returns (dicts of tensors per batch) to disk: one ``.pt`` and one PNG grid per key.
-
-    Args:
-        output_dir: folder for the files; by default ``<default_root_dir>/predictions/<date-time>``,
-            a new folder for every run so that nothing is written over.
-    """
-
-    def __init__(self, output_dir: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
-        self.output_dir = output_dir
-
-    def write_on_epoch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
-    ) -> None:
-        if not trainer.is_global_zero or not predictions:
-            return
-        folder = Path(self.output_dir or Path(trainer.default_root_dir, "predictions", time.strftime("%Y%m%d-%H%M%S")))
-        folder.mkdir(parents=True, exist_ok=True)
-        value_range = getattr(pl_module, "value_range", (0.0, 1.0))
-        for key in predictions[0]:
-            tensor = torch.cat([batch[key].cpu() for batch in predictions])
-            torch.save(tensor, folder / f"{key}.pt")
-            if tensor.dim() == 4:
-                grid = to_uint8_grid(tensor[:64], value_range, nrow=8)
-                write_png(grid, str(folder / f"{key}.png"))
-        rank_zero_info(f"Predictions written to {folder}")
+    def _traverse(self, model: L.LightningModule, x: Tensor, y: Tensor | None) -> Tensor:
+        """Decode the first image's code with one latent dimension at a time swept from -3 to 3 (a row each)."""
+        labels = None if y is None else y[:1]
+        code = model.encode(x[:1], labels=labels)[0]  # (D,)
+        dims = min(self.num_traversal_dims, code.shape[0])
+        values = torch.linspace(-3, 3, self.interpolation_steps, device=code.device)
+        z = code.repeat(dims, len(values), 1)  # (dims, steps, D)
+        for dim in range(dims):
+            z[dim, :, dim] = values
+        row_labels = None if labels is None else labels.repeat(dims * len(values))
+        return model.decode(z.flatten(0, 1), labels=row_labels)

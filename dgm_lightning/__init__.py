@@ -3,7 +3,23 @@
 from dgm_lightning.autoencoder import AE, LatentVariableModel
 from dgm_lightning.base import GenerativeModel
 from dgm_lightning.classifier import Classifier
+from dgm_lightning.flow import Flow
+from dgm_lightning.flow_vae import FlowVAE
+from dgm_lightning.gan import GAN
+from dgm_lightning.recurrent_vae import RecurrentVAE
 from dgm_lightning.vae import VAE
+from dgm_lightning.vocabulary import Vocabulary
 
-__all__ = ["AE", "Classifier", "GenerativeModel", "LatentVariableModel", "VAE"]
+__all__ = [
+    "AE",
+    "Classifier",
+    "Flow",
+    "FlowVAE",
+    "GAN",
+    "GenerativeModel",
+    "LatentVariableModel",
+    "RecurrentVAE",
+    "VAE",
+    "Vocabulary",
+]
 __version__ = "0.1.0"

@@ -102,6 +102,20 @@ class DGMCLI(LightningCLI):
             logger.init_args.offline = True
             rank_zero_info("W&B: no credentials or no connection, so this run logs offline.")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # LightningCLI would silently replace the optimizers of a model that steps its own (manual optimization,
+        # e.g. a GAN's two): refuse, and point at the model's own flags
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        given = [f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
+        if given and not self.model.automatic_optimization:
+            name = type(self.model).__name__
+            flags = getattr(self.model, "optimizer_flags", f"see `python train.py fit --model {name} --help`")
+            raise ValueError(
+                f"{name} steps its own optimizers (manual optimization), so {' and '.join(given)} cannot set them; "
+                f"use its optimizer flags instead: {flags}"
+            )
+
     def after_fit(self) -> None:
         announce_offline_wandb(self.trainer)
 

@@ -39,7 +39,7 @@ def test_default_job_leaves_checkpoint_images_and_config(default_job):
     _, run, _ = default_job
     checkpoints = {p.name for p in (run / "checkpoints").iterdir()}
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2  # the best one too
-    for kind in ("samples", "reconstructions", "interpolations"):
+    for kind in ("samples", "reconstructions", "interpolations", "traversals"):
         pngs = sorted((run / "images" / kind).glob("epoch_*.png"))
         assert [p.name for p in pngs] == [f"epoch_{e:04d}.png" for e in range(9, 60, 10)]
         grid = read_image(pngs[-1])

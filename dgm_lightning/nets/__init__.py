@@ -8,5 +8,55 @@ from dgm_lightning.nets.autoencoder_nets import (
     build_decoder,
     build_encoder,
 )
+from dgm_lightning.nets.flow_layers import (
+    ActNorm,
+    AffineCoupling,
+    FlowSequential,
+    InvertibleConv1x1,
+    Split,
+    Squeeze,
+    Unsqueeze,
+    multiscale_flow,
+    planar_flow,
+    vector_flow,
+)
+from dgm_lightning.nets.gan_nets import (
+    DCGANFeatures,
+    DCGANGenerator,
+    Discriminator,
+    MLPFeatures,
+    MLPGenerator,
+    apply_spectral_norm,
+    build_discriminator,
+    build_generator,
+)
+from dgm_lightning.nets.sequence_nets import SequenceDecoder, SequenceEncoder
 
-__all__ = ["ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder", "build_decoder", "build_encoder"]
+__all__ = [
+    "ActNorm",
+    "AffineCoupling",
+    "FlowSequential",
+    "InvertibleConv1x1",
+    "Split",
+    "Squeeze",
+    "Unsqueeze",
+    "multiscale_flow",
+    "planar_flow",
+    "vector_flow",
+    "ConvDecoder",
+    "ConvEncoder",
+    "DCGANFeatures",
+    "DCGANGenerator",
+    "Discriminator",
+    "MLPDecoder",
+    "MLPEncoder",
+    "MLPFeatures",
+    "MLPGenerator",
+    "apply_spectral_norm",
+    "build_decoder",
+    "build_discriminator",
+    "build_encoder",
+    "build_generator",
+    "SequenceDecoder",
+    "SequenceEncoder",
+]

@@ -1,0 +1,102 @@
+"""FlowVAE: the VAE's metrics with a planar-flow posterior; reduces to the VAE, valid IWAE bound, learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules import DigitsDataModule
+from dgm_lightning import VAE, FlowVAE
+from tests.helpers import images, trainer
+
+DIGITS = dict(img_shape=(1, 8, 8), hidden_dims=[32])
+
+
+def test_with_zero_flows_it_is_the_vae():
+    """Same weights, same noise: the same reconstruction term; the Monte Carlo KL averages to the closed form."""
+    vae = VAE(latent_dim=3, **DIGITS)
+    flow_vae = FlowVAE(latent_dim=3, num_flows=0, **DIGITS)
+    flow_vae.load_state_dict(vae.state_dict())
+    x = images(2).repeat(2000, 1, 1, 1)
+    torch.manual_seed(0)
+    vae_terms, _ = vae.loss_terms(x, None)
+    torch.manual_seed(0)
+    terms, _ = flow_vae.loss_terms(x, None)
+    torch.testing.assert_close(terms["reconstruction"], vae_terms["reconstruction"])
+    assert terms["kl"].item() == pytest.approx(vae_terms["kl"].item(), abs=0.05)
+    assert terms["elbo"].item() == pytest.approx(vae_terms["elbo"].item(), abs=0.05)
+
+
+def test_the_iwae_estimate_is_a_valid_bound_on_the_exact_marginal_likelihood():
+    """One latent dimension: log p(x) by quadrature. IWAE must approach it from below as samples grow."""
+    model = FlowVAE(latent_dim=1, num_flows=3, img_shape=(1, 2, 2), hidden_dims=[8], likelihood="gaussian",
+                    gaussian_scale=0.5).double()  # fmt: skip
+    last = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # w of each flow away from 0, where planar flows shift by about 1 / |w| (huge in 1D)
+        last.bias[torch.arange(3) * 3 + 3] += 1.0  # outputs: mean, log-variance, then (u, w, b) per flow
+    x = torch.rand(4, 1, 2, 2, dtype=torch.float64)
+    z = torch.linspace(-10, 10, 20001, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        px_z = model.decoder_distribution(z, None)
+        log_px_z = torch.stack([px_z.log_prob(xi.expand(len(z), -1, -1, -1)) for xi in x])  # (4, 20001)
+    exact = torch.logsumexp(log_px_z + model.prior.log_prob(z).squeeze(1), dim=1) + math.log(z[1, 0] - z[0, 0])
+    elbo = torch.stack([model.log_prob(x, num_samples=1) for _ in range(2000)]).mean(0)  # E[log w], K = 1
+    iwae_10 = torch.stack([model.log_prob(x, num_samples=10) for _ in range(200)]).mean(0)
+    estimate = model.log_prob(x, num_samples=20000)
+    assert (elbo < iwae_10).all() and (iwae_10 < exact + 0.02).all(), (elbo, iwae_10, exact)  # 0.02: Monte Carlo error
+    torch.testing.assert_close(estimate, exact, atol=0.02, rtol=0)
+
+
+def test_the_flows_change_the_posterior_and_every_parameter_gets_a_gradient():
+    model = FlowVAE(latent_dim=3, num_flows=2, num_classes=4, **DIGITS)
+    x, y = images(8), torch.arange(8) % 4
+    q0, params = model.posterior_and_flows(x, labels=y)
+    assert params.shape == (8, 2, 7)
+    z0 = q0.sample()
+    z, logdet = model.apply_flows(z0, params)
+    assert not torch.allclose(z, z0) and logdet.shape == (8,)
+    terms, codes = model.loss_terms(x, y)
+    assert codes.shape == (8, 3) and all(v.isfinite() for v in terms.values())
+    terms["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_loss_falls_on_a_fixed_batch():
+    digits = DigitsDataModule()
+    digits.setup()
+    x = digits.splits["train"].tensors[0][:32]
+    model = FlowVAE(latent_dim=4, num_flows=4, **DIGITS)
+    optimizer = model.configure_optimizers()
+    torch.manual_seed(0)
+    first = torch.stack([model.loss_terms(x, None)[0]["loss"] for _ in range(10)]).mean().item()
+    for _ in range(150):
+        optimizer.zero_grad()
+        model.loss_terms(x, None)[0]["loss"].backward()
+        optimizer.step()
+    last = torch.stack([model.loss_terms(x, None)[0]["loss"] for _ in range(10)]).mean().item()
+    assert last < first - 3.0, (first, last)
+
+
+def test_trains_tests_with_the_vae_metric_names_and_reloads(tmp_path):
+    digits = DigitsDataModule(batch_size=64)
+    model = FlowVAE(latent_dim=4, num_flows=2, iwae_samples=8, **DIGITS)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    t = trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, enable_checkpointing=True,
+                callbacks=[checkpoint])  # fmt: skip
+    t.fit(model, datamodule=digits)
+    (metrics,) = trainer(limit_test_batches=1).test(model, datamodule=digits, verbose=False)
+    assert {"test/elbo", "test/kl", "test/reconstruction", "test/nll"} <= set(metrics)
+    assert metrics["test/nll"] <= -metrics["test/elbo"] + 1.0  # IWAE is at least about as tight as the ELBO
+    assert "val/active_units" in t.callback_metrics
+    restored = FlowVAE.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert restored.num_flows == 2 and "free_bits" not in restored.hparams
+    assert model.sample(3).shape == (3, 1, 8, 8)
+
+
+def test_bad_num_flows_fails_clearly():
+    with pytest.raises(ValueError, match="num_flows must be an integer >= 0"):
+        FlowVAE(num_flows=-1, **DIGITS)

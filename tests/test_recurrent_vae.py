@@ -1,0 +1,407 @@
+"""RecurrentVAE: padding invariance, decoding, collapse countermeasures, metrics, checkpoints, bad input, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.distributions import Normal
+
+from callbacks import ParameterSchedule
+from datamodules import TextLinesDataModule
+from datamodules.sequences import pad_batch
+from dgm_lightning import RecurrentVAE, Vocabulary, objectives
+from dgm_lightning.cli import main
+from dgm_lightning.vocabulary import BOS, EOS, PAD, SPECIALS, UNK
+from tests.helpers import trainer
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(latent_dim=4, embedding_dim=8, hidden_dim=16)
+VOCAB = SPECIALS + tuple("abcde ")
+WORDS = ["red", "blue", "green", "small", "big", "old", "new", "cat", "dog", "fox", "owl", "bee"]
+
+
+def write_corpus(path: Path, n: int = 400, seed: int = 0) -> Path:
+    """Lines of 2-4 words drawn independently: only a latent code can tell the decoder which words come."""
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4))) for _ in range(n)) + "\n")
+    return path
+
+
+def token_model(**kwargs) -> RecurrentVAE:
+    return RecurrentVAE(vocab=VOCAB, **{**TINY, **kwargs})
+
+
+def random_tokens(lengths: list[int], pad_to: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(len(SPECIALS), len(VOCAB), (n,), generator=generator) for n in lengths]
+    x, lens = pad_batch(seqs)
+    if pad_to is not None:
+        x = torch.cat([x, x.new_full((x.shape[0], pad_to - x.shape[1]), PAD)], 1)
+    return x, lens
+
+
+# -- padding and variable lengths ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_padding_does_not_change_the_loss_of_a_sequence(cell):
+    model = token_model(cell=cell).eval()
+    x, lengths = random_tokens([3, 7, 5])
+    wide, _ = random_tokens([3, 7, 5], pad_to=12)
+    terms = []
+    for batch in (x, wide):
+        torch.manual_seed(1)  # the same posterior noise for both
+        terms.append(model.loss_terms(batch, lengths)[0])
+    for name in terms[0]:
+        torch.testing.assert_close(terms[0][name], terms[1][name], rtol=1e-5, atol=1e-5)
+    # a sequence alone and padded inside a batch of longer ones: the same posterior and likelihood
+    z = torch.randn(3, 4)
+    in_batch = model.reconstruction_log_prob(x, lengths, z)
+    alone = model.reconstruction_log_prob(x[:1, :3], lengths[:1], z[:1])
+    torch.testing.assert_close(in_batch[:1], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.encode(x)[:1], model.encode(x[:1, :3]), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_does_not_change_the_likelihood_of_a_continuous_sequence():
+    model = RecurrentVAE(likelihood="gaussian", input_dim=3, **TINY).eval()
+    x = torch.randn(2, 6, 3)
+    lengths = torch.tensor([4, 6])
+    noisy = x.clone()
+    noisy[0, 4:] = 100.0  # whatever lies beyond a sequence's length must not matter
+    z = torch.randn(2, 4)
+    torch.testing.assert_close(
+        model.reconstruction_log_prob(x, lengths, z), model.reconstruction_log_prob(noisy, lengths, z)
+    )
+    torch.testing.assert_close(model.encode(x, lengths), model.encode(noisy, lengths))
+
+
+def test_teacher_forcing_targets_end_in_eos_and_word_dropout_spares_bos():
+    model = token_model()
+    x, lengths = random_tokens([2, 4])
+    inputs, targets, mask = model._teacher_forcing(x, lengths, word_dropout=0.0)
+    assert inputs[:, 0].eq(BOS).all() and torch.equal(inputs[:, 1:], x)
+    assert targets[0, :3].tolist() == [*x[0, :2].tolist(), EOS] and targets[1, 4] == EOS
+    assert mask.sum(1).tolist() == [3, 5]  # the tokens and <eos>; padding never counts
+    dropped, _, _ = model._teacher_forcing(x.repeat(200, 1), lengths.repeat(200), word_dropout=0.5)
+    assert dropped[:, 0].eq(BOS).all()
+    share = dropped[:, 1:].eq(UNK).float().mean().item()
+    assert 0.4 < share < 0.6, share
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"vocab": VOCAB}, {"likelihood": "gaussian_learned", "input_dim": 3, "cell": "gru", "num_layers": 2}],
+    ids=["tokens-lstm", "continuous-gru"],
+)
+def test_every_parameter_receives_a_gradient(kwargs):
+    model = RecurrentVAE(**TINY, **kwargs, word_dropout=0.3)
+    x, lengths = random_tokens([3, 6, 4]) if "vocab" in kwargs else (torch.randn(3, 6, 3), torch.tensor([3, 6, 4]))
+    model.loss_terms(x, lengths)[0]["loss"].backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_injected_networks_are_used_and_not_stored_as_hyperparameters():
+    from dgm_lightning.nets import SequenceDecoder, SequenceEncoder
+
+    encoder = SequenceEncoder(out_dim=8, vocab_size=len(VOCAB), embedding_dim=8, hidden_dim=16, bidirectional=False)
+    decoder = SequenceDecoder(latent_dim=4, out_dim=len(VOCAB), vocab_size=len(VOCAB), embedding_dim=8, hidden_dim=16)
+    model = token_model(encoder=encoder, decoder=decoder)
+    assert model.encoder is encoder and model.decoder is decoder
+    assert "encoder" not in model.hparams and "decoder" not in model.hparams
+    x, lengths = random_tokens([2, 5])
+    assert model.encode(x, lengths).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"encoder must output shape \(B, 8\)"):
+        token_model(encoder=SequenceEncoder(out_dim=5, vocab_size=len(VOCAB))).encode(x, lengths)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_decoded_samples_contain_only_vocabulary_tokens(level, tmp_path):
+    dm = TextLinesDataModule(str(write_corpus(tmp_path / "c.txt", n=60)), level=level, batch_size=16)
+    model = RecurrentVAE(**TINY, sample_max_len=12)
+    trainer(max_steps=3, limit_val_batches=1, num_sanity_val_steps=0).fit(model, datamodule=dm)
+    tokens = set(model.vocabulary.tokens)
+    for temperature in (0.0, 1.0, 2.0):
+        ids = model.sample(32, temperature=temperature)
+        assert ids.shape[1] <= 13 and ids.min() >= 0 and ids.max() < len(tokens)
+        # nothing after <eos> but padding, and no <pad>/<bos> before it
+        for row in ids.tolist():
+            end = row.index(EOS) if EOS in row else len(row)
+            assert all(t not in (PAD, BOS) for t in row[:end]) and all(t == PAD for t in row[end + 1 :])
+        for line in model.decode_text(ids):
+            # <unk> is a vocabulary token that spells out as five characters
+            assert set(line.replace("<unk>", "") if level == "char" else line.split()) <= tokens, line
+    greedy = model.sample(4, temperature=0.0, max_len=3)
+    assert greedy.shape[1] <= 4 and (greedy == EOS).any(1).all()  # every row ends, at max_len at the latest
+
+
+def test_reconstruct_and_interpolate_decode_with_the_vocabulary():
+    model = token_model(sample_max_len=6)
+    x, lengths = random_tokens([3, 5])
+    recon = model.reconstruct(x, lengths)
+    torch.testing.assert_close(recon, model.decode(model.encode(x, lengths)))
+    path = model.interpolate(x[:1], x[1:], steps=5)
+    assert len(path) == 5
+    torch.testing.assert_close(path[0], model.decode(model.encode(x[:1])))
+    torch.testing.assert_close(path[-1], model.decode(model.encode(x[1:])))
+    lines = model.interpolate_text("abc", "ed a", steps=3)
+    assert len(lines) == 3 and all(set(line.replace("<unk>", "")) <= set(VOCAB) for line in lines)
+    continuous = RecurrentVAE(likelihood="bernoulli", input_dim=5, **TINY)
+    seqs = torch.rand(2, 7, 5)
+    assert continuous.reconstruct(seqs).shape == (2, 7, 5)
+    assert continuous.sample(3, max_len=4).shape == (3, 4, 5)
+    assert set(continuous.sample(3, max_len=4).unique().tolist()) <= {0.0, 1.0}  # sampled Bernoulli values
+    assert len(continuous.interpolate(seqs[:1], seqs[1:], steps=4)) == 4
+
+
+# -- collapse countermeasures and diagnostics -----------------------------------------------------
+
+
+def test_cyclical_annealing_keeps_information_in_z_that_constant_beta_loses(tmp_path):
+    # Measured (seeds 0, 1, 2): with cyclical annealing KL 0.12-0.16 nats and 8 of 8 active units,
+    # with beta fixed at 1 KL 0.011-0.012 and no active unit.
+    path = write_corpus(tmp_path / "words.txt")
+    results = {}
+    for anneal in (True, False):
+        L.seed_everything(0, verbose=False)
+        dm = TextLinesDataModule(str(path), level="word", batch_size=32, val_fraction=0.2, test_fraction=0.1)
+        model = RecurrentVAE(latent_dim=8, embedding_dim=16, hidden_dim=64, word_dropout=0.5, lr=3e-3)
+        schedule = [ParameterSchedule("beta", "cyclical", num_steps=400, num_cycles=4)] if anneal else []
+        trainer(max_steps=400, limit_val_batches=0, num_sanity_val_steps=0, callbacks=schedule).fit(
+            model, datamodule=dm
+        )
+        assert model.beta == 1.0  # both end at the full ELBO
+        x, lengths = pad_batch(dm.splits["val"])
+        with torch.no_grad():
+            q = model.eval().posterior(x, lengths)
+        kl = objectives.gaussian_kl(q, model.prior).sum(1).mean().item()
+        results[anneal] = (kl, objectives.active_units(q.mean).item())
+    (kl_cyclical, au_cyclical), (kl_constant, au_constant) = results[True], results[False]
+    assert kl_cyclical > 0.05 > kl_constant, results
+    assert au_cyclical > au_constant, results
+
+
+def test_free_bits_hold_the_kl_term_at_its_floor():
+    model = token_model(free_bits=0.5)
+    x, lengths = random_tokens([4, 5, 6])
+    torch.manual_seed(0)
+    terms, q = model.loss_terms(x, lengths)
+    kl_per_dim = objectives.gaussian_kl(q, model.prior)
+    assert (kl_per_dim.mean(0) < 0.5).all()  # an untrained encoder: every dimension under the floor
+    assert terms["loss"].item() == pytest.approx(-terms["reconstruction"].item() + 0.5 * 4, rel=1e-5)
+
+
+def test_mutual_information_is_zero_for_an_uninformative_posterior_and_log_n_for_separated_ones():
+    torch.manual_seed(0)
+    n = 2000
+    # the estimate's sampling noise here has a standard deviation of sqrt(0.5 / n) = 0.016 nats
+    same = Normal(torch.zeros(n, 1), torch.ones(n, 1))
+    assert abs(objectives.mutual_information(same).item()) < 0.06
+    apart = Normal(100 * torch.arange(n, dtype=torch.float64)[:, None].expand(n, 3), torch.full((n, 3), 0.01))
+    assert objectives.mutual_information(apart).item() == pytest.approx(math.log(n), abs=0.1)
+    with pytest.raises(ValueError, match="N >= 2"):
+        objectives.mutual_information(Normal(torch.zeros(1, 3), torch.ones(1, 3)))
+
+
+# -- training, metrics, checkpoints ----------------------------------------------------------------
+
+
+def test_variable_length_text_trains_tests_and_predicts_with_token_metrics(tmp_path):
+    dm = TextLinesDataModule(str(write_corpus(tmp_path / "c.txt", n=80)), batch_size=16, max_len=30)
+    model = RecurrentVAE(**TINY, iwae_samples=4, word_dropout=0.2)
+    # a logger: Lightning refuses to log hyperparameters that model and DataModule share with different values
+    t = trainer(max_steps=4, limit_val_batches=2, logger=CSVLogger(tmp_path))
+    t.fit(model, datamodule=dm)
+    assert t.callback_metrics["val/active_units"] >= 0
+    (metrics,) = t.test(model, datamodule=dm, verbose=False)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert {"test/elbo", "test/kl", "test/mi", "test/nll", "test/nll_per_token", "test/ppl"} <= set(metrics)
+    assert metrics["test/ppl"] == pytest.approx(math.exp(metrics["test/nll_per_token"]), rel=1e-5)
+    assert metrics["test/nll"] <= -metrics["test/elbo"] + 1.0  # the IWAE bound is at least as tight (up to noise)
+    assert 1 < metrics["test/ppl"] < len(model.vocabulary)  # better than uniform over the vocabulary
+    batches = t.predict(model, datamodule=dm)
+    lines = [line for b in batches for line in b["inputs"]]
+    assert len(lines) == 80 and sum(len(b["samples"]) for b in batches) == 80
+    assert all(isinstance(s, str) for b in batches for s in b["reconstructions"])
+
+
+def test_images_read_row_by_row_train_test_and_predict():
+    from datamodules import SequentialImageDataModule
+
+    dm = SequentialImageDataModule("digits", batch_size=32)
+    model = RecurrentVAE(likelihood="bernoulli", **TINY, iwae_samples=3)
+    t = trainer(max_steps=3, limit_val_batches=2, limit_test_batches=2, limit_predict_batches=1)
+    t.fit(model, datamodule=dm)
+    assert model.input_dim == 8 and model.max_len == 8  # taken from the DataModule
+    (metrics,) = t.test(model, datamodule=dm, verbose=False)
+    assert all(math.isfinite(v) for v in metrics.values()) and "test/ppl" not in metrics
+    (batch,) = t.predict(model, datamodule=dm)
+    assert batch["inputs"].shape == batch["reconstructions"].shape == batch["samples"].shape == (32, 8, 8)
+    assert 0 <= batch["reconstructions"].min() and batch["reconstructions"].max() <= 1
+
+
+def test_image_logger_skips_sequence_models(tmp_path):
+    from callbacks import ImageLogger
+
+    dm = TextLinesDataModule(str(write_corpus(tmp_path / "c.txt", n=40)), batch_size=16)
+    t = trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[ImageLogger()], default_root_dir=tmp_path
+    )
+    t.fit(RecurrentVAE(**TINY), datamodule=dm)
+    assert t.state.finished and not list(tmp_path.rglob("*.png"))
+
+
+def test_the_vocabulary_travels_with_the_checkpoint(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", n=60)
+    dm = TextLinesDataModule(str(corpus), batch_size=16)
+    model = RecurrentVAE(**TINY)
+    t = trainer(max_steps=2, limit_val_batches=1, default_root_dir=tmp_path)
+    t.fit(model, datamodule=dm)
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    corpus.unlink()
+    restored = RecurrentVAE.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert restored.vocabulary == model.vocabulary
+    z = torch.randn(3, 4)
+    assert restored.decode_text(restored.decode(z)) == model.decode_text(model.decode(z))
+
+
+def test_a_checkpoint_with_another_vocabulary_is_refused_by_name(tmp_path):
+    model = token_model()
+    checkpoint = {"hyper_parameters": {"vocab": list(SPECIALS + ("x",))}}
+    with pytest.raises(ValueError, match=r"checkpoint's vocabulary \(5 tokens\) differs from this model's \(10\)"):
+        model.on_load_checkpoint(checkpoint)
+
+
+def test_predict_from_a_checkpoint_writes_text_without_the_original_file(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", n=60)
+    common = ["--config", str(REPO / "configs" / "rvae_text.yaml"), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    tiny = ["--model.hidden_dim", "16", "--model.embedding_dim", "8", "--model.latent_dim", "4"]
+    main(["fit", *common, *tiny, "--data.path", str(corpus), "--trainer.max_steps", "2"])
+    (checkpoint,) = tmp_path.glob("checkpoints/last.ckpt")
+    vocab = set(torch.load(checkpoint, weights_only=True)["hyper_parameters"]["vocab"])
+    corpus.unlink()
+    (tmp_path / "new.txt").write_text("zebra\na red owl\n")  # 'z' never occurred in training
+    main(["predict", *common, "--data.path", str(tmp_path / "new.txt"), "--ckpt_path", str(checkpoint)])
+    (folder,) = (tmp_path / "predictions").iterdir()
+    assert (folder / "inputs.txt").read_text().splitlines() == ["<unk>ebra", "a red owl"]
+    for name in ("reconstructions.txt", "samples.txt"):
+        lines = (folder / name).read_text().splitlines()
+        assert len(lines) == 2 and all(set(line.replace("<unk>", "")) <= vocab for line in lines)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"likelihood": "poisson"}, "choose one of: categorical, bernoulli"),
+        ({"cell": "rnn"}, "choose one of: lstm, gru"),
+        ({"vocab_level": "byte"}, "choose one of: char, word"),
+        ({"sample_max_len": 0}, "sample_max_len must be a positive integer"),
+        ({"word_dropout": 1.0}, r"word_dropout must be in \[0, 1\)"),
+        ({"vocab": ["a", "b"]}, "must start with the special tokens"),
+        ({"input_dim": 3}, "input_dim is for continuous sequences"),
+        ({"likelihood": "gaussian", "vocab": list(VOCAB)}, "vocab is for token sequences"),
+        ({"likelihood": "bernoulli", "value_range": (-1, 1)}, "values in \\(0, 1\\)"),
+    ],
+)
+def test_bad_constructor_arguments_fail_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RecurrentVAE(**kwargs)
+
+
+def test_bad_sequences_fail_clearly():
+    model = token_model()
+    x, lengths = random_tokens([3, 4])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
+        model.encode(torch.tensor([[4, 5, 10]]))
+    with pytest.raises(ValueError, match="lengths must be one value"):
+        model.encode(x, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="token ids of shape"):
+        model.encode(x.float())
+    for max_len in (0, -3):
+        with pytest.raises(ValueError, match="max_len must be a positive integer"):
+            model.sample(2, max_len=max_len)
+    with pytest.raises(ValueError, match="takes no labels"):
+        model.sample(2, labels=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="pass vocab"):
+        RecurrentVAE().sample(2)
+    with pytest.raises(ValueError, match=r"sequences of shape \(B, T, 3\)"):
+        RecurrentVAE(likelihood="gaussian", input_dim=3).encode(torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="no empty line"):
+        model.encode_text([""])
+
+
+def test_a_model_that_does_not_fit_the_datamodule_fails_before_training(tmp_path):
+    from datamodules import DigitsDataModule, SequentialImageDataModule
+
+    with pytest.raises(ValueError, match="has no vocabulary"):
+        trainer(fast_dev_run=True).fit(RecurrentVAE(**TINY), datamodule=SequentialImageDataModule())
+    with pytest.raises(ValueError, match="--model.input_dim 8"):
+        trainer(fast_dev_run=True).fit(
+            RecurrentVAE(likelihood="bernoulli", input_dim=5, **TINY), datamodule=SequentialImageDataModule()
+        )
+    with pytest.raises(ValueError, match="needs a sequence DataModule"):
+        trainer(fast_dev_run=True).fit(RecurrentVAE(likelihood="bernoulli", **TINY), datamodule=DigitsDataModule())
+    text = TextLinesDataModule(str(write_corpus(tmp_path / "c.txt", n=30)))
+    with pytest.raises(ValueError, match="yields token sequences"):
+        trainer(fast_dev_run=True).fit(RecurrentVAE(likelihood="gaussian", **TINY), datamodule=text)
+
+
+def test_a_vocabulary_lists_every_token_once():
+    with pytest.raises(ValueError, match="twice"):
+        Vocabulary(SPECIALS + ("a", "a"))
+
+
+# -- DDP -------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import lightning as L
+import torch
+
+from datamodules import TextLinesDataModule
+from dgm_lightning import RecurrentVAE
+
+if __name__ == "__main__":
+    L.seed_everything(0, verbose=False)
+    torch.set_num_threads(1)
+    dm = TextLinesDataModule("corpus.txt", level="word", batch_size=8)
+    model = RecurrentVAE(latent_dim=4, embedding_dim=8, hidden_dim=16, word_dropout=0.2, iwae_samples=2)
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=3, limit_val_batches=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    torch.save({"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach(),
+                "vocab": model.vocabulary.tokens, "metrics": metrics, "step": trainer.global_step},
+               f"rank{trainer.global_rank}.pt")
+"""
+
+
+def test_ddp_with_two_cpu_processes_keeps_the_ranks_in_step(tmp_path):
+    write_corpus(tmp_path / "corpus.txt", n=80)
+    (tmp_path / "ddp_rvae.py").write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "ddp_rvae.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["step"] == rank1["step"] == 3
+    assert rank0["vocab"] == rank1["vocab"]
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["metrics"] == pytest.approx(rank1["metrics"])  # synced across ranks
+    assert {"test/nll_per_token", "test/ppl"} <= set(rank0["metrics"])
