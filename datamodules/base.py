@@ -90,6 +90,8 @@ class InMemoryImageDataModule(SplitDataModule):
         binarize: binary pixels for likelihood benchmarks: training images are drawn anew as Bernoulli
             samples of their grey levels every time they are seen (dynamic binarization); validation and
             test images once, with a fixed seed. Needs value_range (0, 1).
+        on_device: hold the tensors on the training device (the GPU), so that batches need no copy from
+            the host; needs num_workers 0.
         num_workers: DataLoader workers; 0 is right for tensors already in memory.
     """
 
@@ -105,6 +107,7 @@ class InMemoryImageDataModule(SplitDataModule):
         value_range: Sequence[float] = (0.0, 1.0),
         split_seed: int = 0,
         binarize: bool = False,
+        on_device: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -117,6 +120,10 @@ class InMemoryImageDataModule(SplitDataModule):
             )
         if len(value_range) != 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
+        if on_device and num_workers:
+            raise ValueError(
+                "on_device keeps the data on the GPU, where worker processes cannot index it: num_workers 0"
+            )
         if binarize and tuple(value_range) != (0.0, 1.0):
             raise ValueError(f"binarize needs value_range (0, 1), got {tuple(value_range)}")
         self.save_hyperparameters()
@@ -154,6 +161,9 @@ class InMemoryImageDataModule(SplitDataModule):
             for split in ("val", "test"):
                 images, *labels = self.splits[split].tensors
                 self.splits[split] = TensorDataset(torch.bernoulli(images, generator=generator), *labels)
+        if self.hparams.on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device  # this rank's device under DDP
+            self.splits = {k: TensorDataset(*(t.to(device) for t in v.tensors)) for k, v in self.splits.items()}
 
     def _prepare(self, images: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Check what load() returned and map it to value_range."""

@@ -54,6 +54,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         val_fraction: float = 0.1,
         value_range: tuple[float, float] = (0.0, 1.0),
         split_seed: int = 0,
+        on_device: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__(
@@ -61,6 +62,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
             val_fraction=val_fraction,
             value_range=value_range,
             split_seed=split_seed,
+            on_device=on_device,
             num_workers=num_workers,
         )
         self.data_dir = Path(data_dir)

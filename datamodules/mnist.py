@@ -65,6 +65,7 @@ class MNISTDataModule(InMemoryImageDataModule):
         value_range: tuple[float, float] = (0.0, 1.0),
         split_seed: int = 0,
         binarize: bool = False,
+        on_device: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__(
@@ -73,6 +74,7 @@ class MNISTDataModule(InMemoryImageDataModule):
             value_range=value_range,
             split_seed=split_seed,
             binarize=binarize,
+            on_device=on_device,
             num_workers=num_workers,
         )
         self.data_dir = Path(data_dir)

@@ -213,3 +213,15 @@ def test_setup_is_idempotent():
     first = dm.splits["train"]
     dm.setup("test")
     assert dm.splits["train"] is first
+
+
+def test_on_device_moves_every_split_to_the_trainers_device():
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(on_device=True)
+    # a stand-in Trainer whose device is "meta", so that the move is visible without a GPU
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    dm.setup()
+    assert all(t.device.type == "meta" for split in dm.splits.values() for t in split.tensors)
+    with pytest.raises(ValueError, match="num_workers 0"):
+        DigitsDataModule(on_device=True, num_workers=2)
