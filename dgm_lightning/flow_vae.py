@@ -108,13 +108,8 @@ class FlowVAE(VAE):
 
     def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
         log_px, log_pz, log_q = (t[0] for t in self.log_weights(x, labels, 1))
-        kl = log_q - log_pz  # Monte Carlo: one sample per example
-        terms = {
-            "loss": -log_px.mean() + self.beta * kl.mean(),
-            "elbo": (log_px - kl).mean(),
-            "reconstruction": log_px.mean(),
-            "kl": kl.mean(),
-        }
+        # Monte Carlo KL, one sample per example: the flow posterior's KL has no closed form
+        terms = objectives.elbo_terms(log_px, log_q - log_pz, beta=self.beta)
         return terms, self.encode(x, labels=labels).detach()
 
     @torch.no_grad()

@@ -73,6 +73,28 @@ def free_bits_kl(kl_per_dim: Tensor, free_bits: float) -> Tensor:
     return kl_per_dim.mean(0).clamp(min=free_bits).sum()
 
 
+def elbo_terms(reconstruction: Tensor, kl: Tensor, *, beta: float = 1.0, free_bits: float = 0.0) -> dict[str, Tensor]:
+    """The named scalar terms of a VAE's objective on a batch; ``loss`` is the one minimised.
+
+    Args:
+        reconstruction: log p(x | z) per example, shape (B,).
+        kl: KL(q(z|x) || p(z)) per example and latent dimension (B, D), or per example (B,) when it is a
+            Monte Carlo estimate (flow posteriors); free bits need the per-dimension form.
+        beta: weight of the KL term in the loss.
+        free_bits: nats per latent dimension below which the KL is not penalised (see ``free_bits_kl``).
+    """
+    if kl.dim() == 1 and free_bits > 0:
+        raise ValueError("free bits need the KL per latent dimension, shape (B, D)")
+    kl_per_example = kl.sum(1) if kl.dim() == 2 else kl
+    penalty = free_bits_kl(kl, free_bits) if kl.dim() == 2 else kl.mean()
+    return {
+        "loss": -reconstruction.mean() + beta * penalty,
+        "elbo": (reconstruction - kl_per_example).mean(),
+        "reconstruction": reconstruction.mean(),
+        "kl": kl_per_example.mean(),
+    }
+
+
 def iwae_bound(log_weights: Tensor) -> Tensor:
     """Importance-weighted estimate of log p(x) from log w_k = log p(x, z_k) - log q(z_k | x).
 

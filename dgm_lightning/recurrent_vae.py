@@ -366,18 +366,10 @@ class RecurrentVAE(GenerativeModel):
         q = self.posterior(x, lengths)
         dropout = self.word_dropout if self.training else 0.0
         reconstruction = self.reconstruction_log_prob(x, lengths, q.rsample(), dropout)  # (B,)
-        kl_per_dim = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
-        kl = kl_per_dim.sum(1)
-        loss = -reconstruction.mean() + self.beta * objectives.free_bits_kl(kl_per_dim, self.free_bits)
-        terms = {
-            "loss": loss,
-            "elbo": (reconstruction - kl).mean(),
-            "reconstruction": reconstruction.mean(),
-            "kl": kl.mean(),
-        }
-        if x.shape[0] > 1:
-            # a diagnostic only: no gradient
-            terms["mi"] = objectives.mutual_information(Normal(q.loc.detach(), q.scale.detach()))
+        kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
+        terms = objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
+        if not self.training and x.shape[0] > 1:  # a diagnostic, in validation and test
+            terms["mi"] = objectives.mutual_information(q)
         return terms, q
 
     @torch.no_grad()

@@ -95,15 +95,10 @@ class VAE(LatentVariableModel):
     def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
         q = self.posterior(x, labels=labels)
         reconstruction = self.decoder_distribution(q.rsample(), labels).log_prob(x)  # (B,)
-        kl_per_dim = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
-        kl = kl_per_dim.sum(1)
-        loss = -reconstruction.mean() + self.beta * objectives.free_bits_kl(kl_per_dim, self.free_bits)
-        terms = {
-            "loss": loss,
-            "elbo": (reconstruction - kl).mean(),
-            "reconstruction": reconstruction.mean(),
-            "kl": kl.mean(),
-        }
+        kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
+        terms = objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
+        if not self.training and x.shape[0] > 1:  # a diagnostic, in validation and test
+            terms["mi"] = objectives.mutual_information(q)
         return terms, q.mean
 
     @torch.no_grad()

@@ -44,7 +44,7 @@ def test_every_variant_trains_tests_predicts_with_the_right_shapes(model_cls, kw
     (metrics,) = t.test(model, datamodule=digits, verbose=False)
     assert all(math.isfinite(v) for v in metrics.values())
     if model_cls is VAE:
-        assert {"test/elbo", "test/kl", "test/nll", "test/bpd", "test/reconstruction"} <= set(metrics)
+        assert {"test/elbo", "test/kl", "test/mi", "test/nll", "test/bpd", "test/reconstruction"} <= set(metrics)
         assert metrics["test/kl"] >= 0
         assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (64 * math.log(2)), rel=1e-5)
     (batch,) = t.predict(model, datamodule=digits)

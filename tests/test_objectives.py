@@ -244,3 +244,18 @@ def test_check_choice_accepts_valid_and_rejects_invalid():
     objectives.check_choice("likelihood", "bernoulli", LIKELIHOODS)
     with pytest.raises(ValueError, match="choose one of: bernoulli, continuous_bernoulli"):
         objectives.check_choice("likelihood", "Bernoulli", LIKELIHOODS)
+
+
+def test_elbo_terms_assemble_the_vae_objective():
+    reconstruction = torch.tensor([-10.0, -12.0])
+    kl = torch.tensor([[0.5, 0.05], [1.5, 0.15]])  # (B, D)
+    terms = objectives.elbo_terms(reconstruction, kl, beta=2.0, free_bits=0.2)
+    assert terms["kl"].item() == pytest.approx(1.1)  # mean over examples of the summed KL
+    assert terms["elbo"].item() == pytest.approx(-11.0 - 1.1)
+    assert terms["reconstruction"].item() == pytest.approx(-11.0)
+    # free bits floor the second dimension's batch-mean KL (0.1) at 0.2: 2 * (1.0 + 0.2)
+    assert terms["loss"].item() == pytest.approx(11.0 + 2.0 * 1.2)
+    monte_carlo = objectives.elbo_terms(reconstruction, kl.sum(1), beta=2.0)
+    assert monte_carlo["loss"].item() == pytest.approx(11.0 + 2.0 * 1.1)
+    with pytest.raises(ValueError, match="free bits need the KL per latent dimension"):
+        objectives.elbo_terms(reconstruction, kl.sum(1), free_bits=0.2)
