@@ -13,6 +13,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from dgm_lightning.base import check_positive
+
 METRICS = ("fid", "kid", "is")
 
 
@@ -118,9 +120,7 @@ class GenerativeMetrics(Callback):
         unknown = set(metrics) - set(METRICS)
         if unknown or not metrics:
             raise ValueError(f"unknown metrics {sorted(unknown)}; choose from: {', '.join(METRICS)}")
-        for name, value in dict(num_samples=num_samples, every_n_epochs=every_n_epochs, batch_size=batch_size).items():
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        check_positive(num_samples=num_samples, every_n_epochs=every_n_epochs, batch_size=batch_size)
         if "kid" in metrics and not 2 <= kid_subset_size <= num_samples:
             raise ValueError(
                 f"KID needs 2 <= kid_subset_size <= num_samples, got kid_subset_size={kid_subset_size} and "

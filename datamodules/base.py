@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,17 @@ class DataSpec:
     num_classes: int | None
 
 
+def check_split_args(owner: str, batch_size: int, val_fraction: float, test_fraction: float) -> None:
+    """Raise a ValueError for a non-positive batch size or split fractions that leave no training data."""
+    if batch_size <= 0:
+        raise ValueError(f"{owner}: batch_size must be > 0, got {batch_size}")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"{owner}: val_fraction and test_fraction must be in (0, 1) with a sum below 1, "
+            f"got {val_fraction} and {test_fraction}"
+        )
+
+
 def split_indices(n: int, fractions: dict[str, float], seed: int, owner: str) -> dict[str, list[int]]:
     """A fixed random split of range(n): the given fractions for the named splits, the rest for ``train``."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -48,17 +59,19 @@ class SplitDataModule(L.LightningDataModule):
     """Dataloaders over ``self.splits`` (train, val, test), filled by a subclass's ``setup``.
 
     The test split doubles as the predict split: models' ``predict_step`` reconstructs it and draws as
-    many samples. Subclasses save ``batch_size`` and ``num_workers`` as hyperparameters.
+    many samples. Subclasses save ``batch_size`` (and optionally ``num_workers``) as hyperparameters and
+    may set ``collate_fn`` (how examples form a batch; None: torch's default stacking).
     """
 
     splits: dict[str, Dataset]
+    collate_fn: Callable | None = None
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if not self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        workers = self.hparams.num_workers
+        if split not in self.splits:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its {split} dataloader is requested")
+        workers = self.hparams.get("num_workers", 0)
         return DataLoader(
-            self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+            self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=self.collate_fn,
             num_workers=workers, persistent_workers=workers > 0,
         )  # fmt: skip
 
@@ -111,13 +124,7 @@ class InMemoryImageDataModule(SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(
-                "val_fraction and test_fraction must be in (0, 1) with a sum below 1, "
-                f"got {val_fraction} and {test_fraction}"
-            )
+        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction)
         if len(value_range) != 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
         if on_device and num_workers:

@@ -11,13 +11,12 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
-from datamodules.base import DataSpec, InMemoryImageDataModule, split_indices
+from datamodules.base import DataSpec, InMemoryImageDataModule, SplitDataModule, check_split_args, split_indices
 from datamodules.digits import DigitsDataModule
 from datamodules.mnist import FashionMNISTDataModule, MNISTDataModule
 from dgm_lightning.vocabulary import PAD, Level, Vocabulary, tokenize
@@ -34,38 +33,11 @@ def pad_batch(sequences: list[Tensor]) -> tuple[Tensor, Tensor]:
     return pad_sequence(sequences, batch_first=True, padding_value=PAD), lengths
 
 
-def _check_loader_args(owner: str, batch_size: int, val_fraction: float, test_fraction: float) -> None:
-    if batch_size <= 0:
-        raise ValueError(f"{owner}: batch_size must be > 0, got {batch_size}")
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"{owner}: val_fraction and test_fraction must be in (0, 1) with a sum below 1, "
-            f"got {val_fraction} and {test_fraction}"
-        )
-
-
-class SequenceDataModule(L.LightningDataModule):
+class SequenceDataModule(SplitDataModule):
     """Dataloaders over ``self.splits`` (lists of tensors), padded per batch. Subclasses fill the splits."""
 
     splits: dict[str, list[Tensor]]
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if split not in self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its {split} dataloader is requested")
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=pad_batch,
-            num_workers=workers, persistent_workers=workers > 0,
-        )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    collate_fn = staticmethod(pad_batch)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict" if "predict" in self.splits else "test")
@@ -109,7 +81,7 @@ class TextLinesDataModule(SequenceDataModule):
             raise ValueError(f"max_len must be > 0 tokens, got {max_len}")
         if min_freq < 1 or (max_vocab is not None and max_vocab < 1):
             raise ValueError(f"min_freq and max_vocab must be >= 1, got {min_freq} and {max_vocab}")
-        _check_loader_args(type(self).__name__, batch_size, val_fraction, test_fraction)
+        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction)
         self.save_hyperparameters()
         self.path = Path(path) if path is not None else SAMPLE_CORPUS
         self.vocabulary: Vocabulary | None = None
@@ -207,7 +179,7 @@ class SequentialImageDataModule(SequenceDataModule):
         super().__init__()
         if dataset not in IMAGE_DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(IMAGE_DATASETS)}")
-        _check_loader_args(type(self).__name__, batch_size, val_fraction, test_fraction)
+        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction)
         self.save_hyperparameters()
         self.splits = {}
         self._images: InMemoryImageDataModule | None = None
@@ -281,7 +253,7 @@ class CSVSequenceDataModule(SequenceDataModule):
         super().__init__()
         if window <= 0 or (stride is not None and stride <= 0):
             raise ValueError(f"window and stride must be > 0, got {window} and {stride}")
-        _check_loader_args(type(self).__name__, batch_size, val_fraction, test_fraction)
+        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction)
         self.save_hyperparameters()
         self.path = Path(path) if path is not None else SAMPLE_SERIES
         self.mean: Tensor | None = None

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.base import DataSpec
+from datamodules.base import DataSpec, SplitDataModule
+from dgm_lightning.base import check_positive
 
 Density = Literal["two_moons", "8gaussians", "checkerboard", "spirals"]
 DENSITIES = ("two_moons", "8gaussians", "checkerboard", "spirals")
@@ -58,7 +58,7 @@ def sample_toy2d(density: Density, n: int, generator: torch.Generator) -> Tensor
     return points.clamp(-4.0, 4.0)
 
 
-class Toy2DDataModule(L.LightningDataModule):
+class Toy2DDataModule(SplitDataModule):
     """Points of a 2D toy density: batches of (B, 2) tensors, no labels, values in (-4, 4).
 
     The train, validation and test sets are drawn independently from the density with seeds
@@ -89,12 +89,9 @@ class Toy2DDataModule(L.LightningDataModule):
         super().__init__()
         if density not in DENSITIES:
             raise ValueError(f"unknown density {density!r}; choose one of: {', '.join(DENSITIES)}")
-        for name, value in dict(num_train=num_train, num_val=num_val, num_test=num_test, batch_size=batch_size).items():
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        check_positive(num_train=num_train, num_val=num_val, num_test=num_test, batch_size=batch_size)
         self.save_hyperparameters()
         self.density = density
-        self.batch_size = batch_size
         self.splits: dict[str, TensorDataset] = {}
 
     @property
@@ -108,20 +105,6 @@ class Toy2DDataModule(L.LightningDataModule):
         for offset, (split, n) in enumerate(sizes.items()):
             generator = torch.Generator().manual_seed(self.hparams.seed + offset)
             self.splits[split] = TensorDataset(sample_toy2d(self.density, n, generator))
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if not self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
