@@ -77,11 +77,7 @@ class LatentVariableModel(GenerativeModel):
         if decoder is None:
             decoder = build_decoder(architecture, latent_dim + cond, self.data_shape, hidden_dims)
         self.encoder, self.decoder = encoder, decoder
-        log_scale = torch.tensor(float(gaussian_scale)).log()
-        if likelihood == "gaussian_learned":
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        self.init_log_scale(likelihood, gaussian_scale)
         # codes (posterior means) of the validation set, gathered across ranks at epoch end
         self.val_codes = CatMetric()
 

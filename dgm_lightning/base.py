@@ -128,6 +128,15 @@ class GenerativeModel(L.LightningModule):
         rank_zero_warn(f"{type(self).__name__}: skipping a training step with non-finite loss terms: {bad}")
         return True
 
+    def init_log_scale(self, likelihood: str, gaussian_scale: float) -> None:
+        """``log_scale``, the Gaussian likelihoods' log standard deviation: a parameter for ``gaussian_learned``,
+        a fixed buffer otherwise (the Bernoulli likelihoods ignore it)."""
+        log_scale = torch.tensor(float(gaussian_scale)).log()
+        if likelihood == "gaussian_learned":
+            self.log_scale = torch.nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
     # -- class conditioning ----------------------------------------------------------------------
 
     def check_labels(self, labels: Tensor | None, n: int) -> Tensor | None:

@@ -133,11 +133,7 @@ class RecurrentVAE(GenerativeModel):
         self.vocabulary: Vocabulary | None = None
         self.input_dim: int | None = None
         self.encoder, self.decoder = encoder, decoder
-        log_scale = torch.tensor(float(gaussian_scale)).log()
-        if likelihood == "gaussian_learned":
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        self.init_log_scale(likelihood, gaussian_scale)
         self.register_buffer("prior_loc", torch.zeros(latent_dim))
         self.register_buffer("prior_scale", torch.ones(latent_dim))
         self.val_codes = CatMetric()
