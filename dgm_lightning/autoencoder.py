@@ -160,6 +160,7 @@ class LatentVariableModel(GenerativeModel):
         self._shared_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if self.val_codes.update_called:
             self.on_validation_codes(self.val_codes.compute())
         self.val_codes.reset()

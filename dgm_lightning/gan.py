@@ -240,6 +240,7 @@ class GAN(GenerativeModel):
         return configs
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         # manual optimization: Lightning leaves the schedulers to us
         for config in self.trainer.lr_scheduler_configs:
             config.scheduler.step()

@@ -521,6 +521,7 @@ class RecurrentVAE(GenerativeModel):
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if self.val_codes.update_called:
             codes = self.val_codes.compute()  # gathered from all ranks, so every rank logs the same value
             if codes.shape[0] >= 2:
@@ -529,6 +530,7 @@ class RecurrentVAE(GenerativeModel):
         self._log_token_metrics("val")
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         self._log_token_metrics("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -267,3 +269,31 @@ def test_resuming_from_a_checkpoint_reproduces_an_uninterrupted_run(digits, tmp_
     adam_a, adam_b = t_straight.optimizers[0].state_dict(), t_resumed.optimizers[0].state_dict()
     assert all(torch.equal(adam_a["state"][k]["exp_avg"], adam_b["state"][k]["exp_avg"]) for k in adam_a["state"])
     assert straight.beta == resumed.beta and t_resumed.callbacks[0].batches_seen == 40
+
+
+def test_training_terms_are_logged_on_the_loggers_steps_and_as_exact_epoch_means(tmp_path):
+    """log_terms bypasses self.log per step (benchmarks/overhead.py): the logged values must still be right."""
+
+    class Recorder(L.Callback):
+        losses: list[tuple[float, int]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append((outputs["loss"].item(), batch[0].shape[0]))
+
+    data = DataLoader(TensorDataset(images(50), torch.zeros(50)), batch_size=16)  # batches of 16, 16, 16, 2
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    t = trainer(max_epochs=2, logger=logger, log_every_n_steps=3, callbacks=[Recorder()])
+    t.fit(VAE(latent_dim=2, **DIGITS), data)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    step_rows = [row for row in rows if row["train/loss_step"]]
+    assert [int(row["step"]) for row in step_rows] == [2, 5]  # every 3rd of 8 steps
+    assert [float(row["train/loss_step"]) for row in step_rows] == pytest.approx(
+        [Recorder.losses[2][0], Recorder.losses[5][0]]
+    )
+    epoch_means = [float(row["train/loss_epoch"]) for row in rows if row["train/loss_epoch"]]
+    expected = [
+        sum(loss * n for loss, n in epoch) / sum(n for _, n in epoch)
+        for epoch in (Recorder.losses[:4], Recorder.losses[4:])
+    ]
+    assert epoch_means == pytest.approx(expected, rel=1e-5)
+    assert t.callback_metrics["train/loss"] == pytest.approx(expected[1], rel=1e-5)
