@@ -338,13 +338,17 @@ class GAN(GenerativeModel):
     def _optimizer_step(self, optimizer: Any, loss: Tensor) -> None:
         optimizer.zero_grad()
         self.manual_backward(loss)
+        optimizer.step()  # clips in on_before_optimizer_step
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Clipping here, not before optimizer.step(): under 16-mixed the precision plugin unscales the gradients
+        # inside step(), just before this hook, so clipping earlier would cut the loss-scaled gradients
         if self.gradient_clip_val is not None:
             self.clip_gradients(
                 optimizer,
                 gradient_clip_val=self.gradient_clip_val,
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
-        optimizer.step()
 
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> dict[str, Tensor] | None:
         x, labels = self.unpack_batch(batch)

@@ -245,6 +245,24 @@ def test_schedulers_step_once_per_epoch_and_clipping_bounds_each_update():
     assert 0 < moved <= 1.5e-6 + 2e-7
 
 
+def test_clipping_under_a_loss_scaler_acts_on_the_unscaled_gradients():
+    """16-mixed scales the loss and unscales the gradients inside optimizer.step(): the GAN must clip after that.
+    (A GradScaler on the CPU here, as 16-mixed uses on a GPU.)"""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model = GAN(
+        optimizer_g=lambda p: torch.optim.SGD(p, lr=1.0), optimizer_d=lambda p: torch.optim.SGD(p, lr=1.0),
+        gradient_clip_val=1e-3, gradient_clip_algorithm="value", ema_decay=None, **POINTS,
+    )  # fmt: skip
+    g0 = nn.utils.parameters_to_vector(model.generator.parameters()).detach().clone()
+    precision = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    t = trainer(max_steps=2, limit_val_batches=0, plugins=[precision])
+    t.fit(model, loader(mixture(32), 32))  # one D step, one G step
+    moved = (nn.utils.parameters_to_vector(model.generator.parameters()) - g0).abs().max().item()
+    # clipped after unscaling: the largest step is the clip value; clipped before, it would be 1024 times smaller
+    assert moved == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_a_non_finite_batch_updates_neither_network():
     model = GAN(ema_decay=None, **POINTS)
     before = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
