@@ -124,6 +124,13 @@ class ImageLogger(Callback):
         self._inputs: tuple[Tensor, Tensor | None] | None = None
         self._points: list[Tensor] = []  # validation points of 2D data, up to num_points
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "sample", None)):
+            raise TypeError(
+                f"ImageLogger draws a model's samples, and {type(pl_module).__name__} has no sample(n); "
+                "remove ImageLogger from its callbacks"
+            )
+
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,

@@ -34,6 +34,7 @@ class LatentVariableModel(GenerativeModel):
         gaussian_scale: standard deviation of the Gaussian likelihoods.
         num_classes: condition encoder and decoder on labels (one-hot) when set.
         lr: Adam learning rate (``--optimizer`` on the CLI replaces the optimizer).
+        compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
         encoder: your own encoder: (B, C [+ num_classes], H, W) -> (B, latent_dim).
         decoder: your own decoder: (B, latent_dim [+ num_classes]) -> (B, C, H, W) distribution parameters
             (logits for the Bernoullis, means for the Gaussians).
@@ -51,12 +52,13 @@ class LatentVariableModel(GenerativeModel):
         gaussian_scale: float = 0.1,
         num_classes: int | None = None,
         lr: float = 1e-3,
+        compile: bool = False,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
         if len(img_shape) != 3:
             raise ValueError(f"img_shape must be three sizes (C, H, W), got {tuple(img_shape)}")
-        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes)
+        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes, compile=compile)
         self.save_hyperparameters(ignore=["encoder", "decoder"])
         if not isinstance(latent_dim, int) or latent_dim <= 0:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
@@ -204,13 +206,14 @@ class AE(LatentVariableModel):
         gaussian_scale: float = 0.1,
         num_classes: int | None = None,
         lr: float = 1e-3,
+        compile: bool = False,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
         super().__init__(
             latent_dim, img_shape=img_shape, value_range=value_range, architecture=architecture,
             hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
-            num_classes=num_classes, lr=lr, encoder=encoder, decoder=decoder,
+            num_classes=num_classes, lr=lr, compile=compile, encoder=encoder, decoder=decoder,
         )  # fmt: skip
         self.register_buffer("code_mean", torch.zeros(latent_dim))
         self.register_buffer("code_scale_tril", torch.eye(latent_dim))

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import functional as F
+
+
+def _comparable(hparams: Mapping) -> dict:
+    """Settings as plain values: tuples as lists (a YAML config gives lists), without LightningCLI's ``_`` entries."""
+
+    def plain(value):
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return {key: plain(value) for key, value in hparams.items() if not key.startswith("_")}
 
 
 def check_positive(**values: float | None) -> None:
@@ -30,6 +40,9 @@ class GenerativeModel(L.LightningModule):
         data_shape: shape of one example: (C, H, W) for images, (D,) for vectors.
         value_range: (low, high) of the data's values.
         num_classes: number of classes for a class-conditional model, None for an unconditional one.
+        compile: compile each network in place (``nn.Module.compile``) when the Trainer sets the model up,
+            after ``setup`` has built the networks that are sized from the data. The parameter names do not
+            change, so checkpoints load with or without it. The first steps are slow while it compiles.
     """
 
     def __init__(
@@ -38,6 +51,7 @@ class GenerativeModel(L.LightningModule):
         data_shape: Sequence[int],
         value_range: Sequence[float],
         num_classes: int | None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if len(data_shape) == 0 or any(int(s) <= 0 for s in data_shape):
@@ -50,8 +64,9 @@ class GenerativeModel(L.LightningModule):
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.num_classes = num_classes
         self.nonfinite_steps = 0
-        # per stage, per term: (sum of value x batch size, number of examples) of the epoch so far
-        self._term_sums: dict[str, dict[str, tuple[Tensor, int]]] = {}
+        self.compile_networks = compile  # not self.compile: that is nn.Module's method
+        # per stage, per set of term names: (sums of value x batch size, one per name; number of examples) so far
+        self._term_sums: dict[str, dict[tuple[str, ...], tuple[Tensor, int]]] = {}
 
     max_nonfinite_steps = 10
 
@@ -81,6 +96,19 @@ class GenerativeModel(L.LightningModule):
                 f"has {spec.num_classes}; set num_classes to match, or to None for an unconditional model"
             )
 
+    def configure_model(self) -> None:
+        if self.compile_networks:
+            for net in self.children():
+                if next(net.parameters(), None) is not None:
+                    net.compile()
+
+    def on_fit_start(self) -> None:
+        # seed_everything gives every rank the same seed, so every rank would draw the same noise (posterior
+        # samples, word dropout, dequantization) for its different data; offset each rank's stream, unless a
+        # resumed run has just restored every rank's own state from the checkpoint
+        if self.trainer.world_size > 1 and self.trainer.ckpt_path is None:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def on_fit_end(self) -> None:
         # Lightning only logs "No training batches" and returns; an empty training set deserves an error
         if self.trainer.num_training_batches == 0 and self.trainer.limit_train_batches != 0:
@@ -105,6 +133,7 @@ class GenerativeModel(L.LightningModule):
                 f"{type(self).__name__} expects batches of shape (B, {', '.join(map(str, self.data_shape))}) "
                 f"but got {tuple(x.shape)}; set the model's shape (img_shape for image models) to match the data"
             )
+        self.check_evaluation_data(x)
         if self.num_classes is None:
             return x, None
         if y is None:
@@ -113,9 +142,19 @@ class GenerativeModel(L.LightningModule):
             )
         return x, y
 
+    def check_evaluation_data(self, x: Tensor) -> None:
+        """Outside training, refuse data with NaN or Inf values (in training the divergence policy skips such a
+        step); a sync per batch, which evaluation can afford."""
+        if not self.training and x.is_floating_point() and not bool(x.isfinite().all()):
+            raise ValueError(
+                f"{type(self).__name__}: a batch to evaluate holds NaN or Inf values; the metrics would be NaN. "
+                "Check the data that the DataModule yields"
+            )
+
     def skip_nonfinite(self, terms: dict[str, Tensor]) -> bool:
         """Apply the divergence policy to this step's loss terms; True means: skip the step."""
-        finite = bool(torch.stack([v.detach().isfinite().all() for v in terms.values()]).all())
+        # one check of all terms together: per-term isfinite().all() costs a few tensor operations per term and step
+        finite = bool(torch.cat([v.detach().reshape(-1) for v in terms.values()]).isfinite().all())
         # every rank must agree, or the ranks that step would wait forever for the others' gradients
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             self.nonfinite_steps = 0
@@ -184,13 +223,33 @@ class GenerativeModel(L.LightningModule):
         checkpoint["rng_states"] = states.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # only when a Trainer resumes: loading weights for inference must not reset the caller's random state
-        states = checkpoint.get("rng_states")
-        if self._trainer is None or states is None:
+        # only when a Trainer resumes: loading weights for inference must not reset the caller's random state,
+        # and load_from_checkpoint(path, lr=...) overrides settings on purpose
+        if self._trainer is None:
             return
-        rank = self.trainer.global_rank
-        if rank < states.shape[0]:
-            torch.set_rng_state(states[rank])
+        self._check_resumed_settings(checkpoint.get("hyper_parameters", {}))
+        states = checkpoint.get("rng_states")
+        if states is not None and self.trainer.global_rank < states.shape[0]:
+            torch.set_rng_state(states[self.trainer.global_rank])
+
+    def _check_resumed_settings(self, saved: dict) -> None:
+        """Refuse to resume a run with other model settings than it was trained with: the result would be
+        neither run, and a changed size would otherwise fail later as a bare state_dict shape error."""
+        ours, theirs = _comparable(self.hparams), _comparable(saved)
+        if "_class_path" in saved:  # a checkpoint of another model (LightningCLI records the class)
+            ours["model"], theirs["model"] = type(self).__name__, saved["_class_path"].rsplit(".", 1)[-1]
+        changed = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key, "-") != theirs.get(key, "-"))
+        if not changed:
+            return
+        details = "; ".join(
+            f"{key}: {theirs.get(key, '-')!r} in the checkpoint, {ours.get(key, '-')!r} now" for key in changed
+        )
+        config = Path(self.trainer.ckpt_path or ".").parent.parent / "config.yaml"
+        hint = f" (that run's settings are in {config})" if config.is_file() else ""
+        raise ValueError(
+            f"{type(self).__name__}: the checkpoint was trained with other settings ({details}). To resume it, "
+            f"give the model the checkpoint's settings{hint}; to start afresh, leave out --ckpt_path"
+        )
 
     # -- logging ---------------------------------------------------------------------------------
 
@@ -200,21 +259,28 @@ class GenerativeModel(L.LightningModule):
 
         Written by hand rather than one ``self.log`` per term and step: Lightning's bookkeeping costs about a
         millisecond per ``self.log`` call, as much as a whole training step of a small model (benchmarks/overhead.py).
-        Here a step costs a few tensor additions, and an epoch one all-reduce for all its terms.
+        Here a step costs a few tensor operations whatever the number of terms (they are summed as one vector per
+        set of names; a set can vary, as with a lazy penalty), and an epoch one all-reduce for all its terms.
         """
         sums = self._term_sums.setdefault(stage, {})
-        for name, value in terms.items():
-            value = value.detach().float()
-            total, count = sums.get(name, (0.0, 0))
-            sums[name] = (total + value * batch_size, count + batch_size)
+        names = tuple(terms)
+        total, count = sums.get(names, (0.0, 0))
+        # float32 each: under autocast the terms can differ in dtype (bf16 and float32), which stack refuses
+        values = torch.stack([value.detach().float() for value in terms.values()])
+        sums[names] = (total + values * batch_size, count + batch_size)
         if stage == "train" and (self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run):
             # the logger connector's own test for "this step is written": private, so tests/test_models.py checks it
             self.log_dict({f"train/{name}_step": value.detach() for name, value in terms.items()}, on_step=True)
 
     def _log_epoch_means(self, stage: str) -> None:
-        sums = self._term_sums.pop(stage, {})
-        if not sums:
+        groups = self._term_sums.pop(stage, {})
+        if not groups:
             return
+        sums: dict[str, tuple[Tensor, int]] = {}  # per term: (sum of value x batch size, number of examples)
+        for names, (group_total, group_count) in groups.items():
+            for name, value in zip(names, group_total, strict=True):
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + value, count + group_count)
         # (terms, 2): weighted sum and count; summed over ranks, so the mean weighs every example once
         totals = torch.stack([torch.stack([total, torch.as_tensor(count).to(total)]) for total, count in sums.values()])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")

@@ -27,6 +27,7 @@ class Classifier(GenerativeModel):
         feature_dim: size of the penultimate layer (the features).
         hidden_dims: channels of the stride-2 convolutions.
         lr: Adam learning rate.
+        compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
 
     References: features of a domain classifier for FID-like scores, e.g. Lucic et al. 2018, arXiv:1711.10337.
     """
@@ -40,8 +41,9 @@ class Classifier(GenerativeModel):
         feature_dim: int = 128,
         hidden_dims: Sequence[int] = (32, 64, 128),
         lr: float = 1e-3,
+        compile: bool = False,
     ) -> None:
-        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes)
+        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes, compile=compile)
         self.save_hyperparameters()
         check_positive(feature_dim=feature_dim, lr=lr)
         self.lr = lr

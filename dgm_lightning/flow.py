@@ -54,6 +54,7 @@ class Flow(GenerativeModel):
         preprocessing: ``logit`` (images) or ``none`` (unbounded or continuous data such as 2D toys).
         logit_alpha: squashing margin of the logit preprocessing, in (0, 0.5).
         lr: Adam learning rate.
+        compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
         flow: your own invertible module: ``forward(x) -> (z, logdet)`` of shape (B, *data_shape) and (B,),
             and ``inverse(z)`` (``architecture``, ``num_scales``, ``num_steps``, ``hidden_channels`` are then unused).
 
@@ -78,9 +79,10 @@ class Flow(GenerativeModel):
         preprocessing: Preprocessing = "logit",
         logit_alpha: float = 0.05,
         lr: float = 1e-3,
+        compile: bool = False,
         flow: nn.Module | None = None,
     ) -> None:
-        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes)
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
         self.save_hyperparameters(ignore=["flow"])
         objectives.check_choice("architecture", architecture, ARCHITECTURES)
         objectives.check_choice("preprocessing", preprocessing, PREPROCESSINGS)

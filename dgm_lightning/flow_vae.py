@@ -48,6 +48,7 @@ class FlowVAE(VAE):
         beta: float = 1.0,
         iwae_samples: int = 100,
         lr: float = 1e-3,
+        compile: bool = False,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
@@ -58,7 +59,7 @@ class FlowVAE(VAE):
             latent_dim, img_shape=img_shape, value_range=value_range, architecture=architecture,
             hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
             num_classes=num_classes, beta=beta, free_bits=0.0, iwae_samples=iwae_samples, lr=lr,
-            encoder=encoder, decoder=decoder,
+            compile=compile, encoder=encoder, decoder=decoder,
         )  # fmt: skip
         # the VAE's free_bits is not an argument here: drop it, or load_from_checkpoint would pass it back
         self.hparams.pop("free_bits", None)

@@ -65,6 +65,7 @@ class GAN(GenerativeModel):
             generator).
         noise_seed: seed of the training noise streams; None takes ``torch.initial_seed()`` (set by
             ``seed_everything``).
+        compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
         generator: your own generator: (B, latent_dim [+ num_classes]) -> (B, *img_shape).
         discriminator: your own discriminator: (B, *img_shape) -> raw scores (B,) or (B, 1); called as
             ``discriminator(x, labels)`` when ``num_classes`` is set.
@@ -111,12 +112,13 @@ class GAN(GenerativeModel):
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         ema_decay: float | None = 0.999,
         noise_seed: int | None = None,
+        compile: bool = False,
         generator: nn.Module | None = None,
         discriminator: nn.Module | None = None,
     ) -> None:
         if len(img_shape) not in (1, 3):
             raise ValueError(f"img_shape must be (C, H, W) for images or (D,) for vectors, got {tuple(img_shape)}")
-        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes)
+        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes, compile=compile)
         self.save_hyperparameters(
             ignore=["generator", "discriminator", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d"]
         )

@@ -234,6 +234,7 @@ def mutual_information(posterior: Normal) -> Tensor:
     # E_q(z|x)[log q(z|x)] is the negative entropy of a diagonal Gaussian, known in closed form
     neg_entropy = -posterior.entropy().sum(-1).mean()
     z = posterior.sample()  # (N, D), one draw per example
-    log_density = Normal(loc[None], scale[None]).log_prob(z[:, None]).sum(-1)  # [i, j] = log q(z_i | x_j)
+    # [i, j] = log q(z_i | x_j)
+    log_density = Normal(loc[None], scale[None], validate_args=False).log_prob(z[:, None]).sum(-1)
     log_aggregate = torch.logsumexp(log_density, dim=1) - math.log(n)
     return neg_entropy - log_aggregate.mean()

@@ -63,6 +63,7 @@ class RecurrentVAE(GenerativeModel):
         free_bits: nats per latent dimension below which the KL is not penalised.
         iwae_samples: importance samples for ``test/nll``.
         lr: Adam learning rate.
+        compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
         encoder: your own encoder: (x, lengths) -> (B, 2 * latent_dim), mean and log-variance.
         decoder: your own decoder: (inputs, z, state=None) -> (per-step parameters (B, T, out), state),
             like ``SequenceDecoder``.
@@ -93,6 +94,7 @@ class RecurrentVAE(GenerativeModel):
         free_bits: float = 0.0,
         iwae_samples: int = 50,
         lr: float = 1e-3,
+        compile: bool = False,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
@@ -117,7 +119,12 @@ class RecurrentVAE(GenerativeModel):
             raise ValueError(f"vocab is for token sequences (likelihood categorical), not for {likelihood!r}")
         if input_dim is not None and input_dim <= 0:
             raise ValueError(f"input_dim must be > 0, got {input_dim}")
-        super().__init__(data_shape=(sample_max_len or DEFAULT_MAX_LEN, 1), value_range=value_range, num_classes=None)
+        super().__init__(
+            data_shape=(sample_max_len or DEFAULT_MAX_LEN, 1),
+            value_range=value_range,
+            num_classes=None,
+            compile=compile,
+        )
         if likelihood == "bernoulli" and self.value_range != (0.0, 1.0):
             raise ValueError(f"the bernoulli likelihood models values in (0, 1) but value_range is {self.value_range}")
         self.save_hyperparameters(ignore=["encoder", "decoder"])
@@ -247,6 +254,7 @@ class RecurrentVAE(GenerativeModel):
                 f"({len(self.vocabulary)}); build the model from the checkpoint (RecurrentVAE.load_from_checkpoint, "
                 "or --ckpt_path on the command line, which reads its hyperparameters)"
             )
+        super().on_load_checkpoint(checkpoint)  # the other settings, and the random states
 
     # -- inputs ----------------------------------------------------------------------------------
 
@@ -270,6 +278,7 @@ class RecurrentVAE(GenerativeModel):
                 lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
         if lengths.shape != (x.shape[0],) or lengths.numel() and (lengths.min() < 1 or lengths.max() > x.shape[1]):
             raise ValueError(f"lengths must be one value in [1, {x.shape[1]}] per sequence, got {lengths.tolist()}")
+        self.check_evaluation_data(x)
         return x, lengths.to(x.device)
 
     def unpack_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -304,7 +313,7 @@ class RecurrentVAE(GenerativeModel):
 
     @property
     def prior(self) -> Normal:
-        return Normal(self.prior_loc, self.prior_scale)
+        return Normal(self.prior_loc, self.prior_scale, validate_args=False)
 
     def posterior(self, x: Tensor, lengths: Tensor) -> Normal:
         """q(z | x) with batch shape (B, latent_dim)."""

@@ -50,13 +50,14 @@ class VAE(LatentVariableModel):
         free_bits: float = 0.0,
         iwae_samples: int = 100,
         lr: float = 1e-3,
+        compile: bool = False,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
         super().__init__(
             latent_dim, img_shape=img_shape, value_range=value_range, architecture=architecture,
             hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
-            num_classes=num_classes, lr=lr, encoder=encoder, decoder=decoder,
+            num_classes=num_classes, lr=lr, compile=compile, encoder=encoder, decoder=decoder,
         )  # fmt: skip
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
@@ -76,7 +77,7 @@ class VAE(LatentVariableModel):
 
     @property
     def prior(self) -> Normal:
-        return Normal(self.prior_loc, self.prior_scale)
+        return Normal(self.prior_loc, self.prior_scale, validate_args=False)
 
     def posterior(self, x: Tensor, *, labels: Tensor | None = None) -> Normal:
         """q(z | x) with batch shape (B, latent_dim)."""

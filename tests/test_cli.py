@@ -148,3 +148,15 @@ def test_unknown_or_mistyped_flags_exit_with_jsonargparse_message(flags, message
 def test_bad_values_fail_with_a_clear_message(flags, message):
     with pytest.raises(ValueError, match=message):
         main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.logger", "false", *flags])
+
+
+def test_wandb_log_model_offline_is_refused_before_anything_is_written(monkeypatch):
+    """Checkpoints cannot be uploaded offline: explicitly offline, or offline for want of credentials."""
+    flags = ["fit", "--config", str(DEFAULT_CONFIG), "--trainer.logger.log_model", "true"]
+    with pytest.raises(ValueError, match="log_model uploads checkpoints, which needs a connection"):
+        main([*flags, "--trainer.logger.offline", "true"])
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr("dgm_lightning.cli.wandb_reachable", lambda: False)
+    with pytest.raises(ValueError, match="or set WANDB_MODE=offline"):
+        main(flags)
+    assert not Path("runs").exists()

@@ -77,3 +77,11 @@ def test_bad_settings_are_refused():
         ImageLogger(num_samples=0)
     with pytest.raises(ValueError, match="num_traversal_dims must be >= 0"):
         ImageLogger(num_traversal_dims=-1)
+
+
+def test_image_logger_on_a_model_that_does_not_sample_says_so():
+    from datamodules import DigitsDataModule
+    from dgm_lightning import Classifier
+
+    with pytest.raises(TypeError, match="Classifier has no sample"):
+        trainer(max_epochs=1, callbacks=[ImageLogger()]).fit(Classifier(img_shape=(1, 8, 8)), DigitsDataModule())

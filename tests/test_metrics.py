@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -181,7 +182,8 @@ def test_metrics_under_ddp_agree_across_ranks_and_do_not_hang(classifier_checkpo
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert [line.split()[1] for line in lines] == ["0", "1"], result.stdout[-2000:]
-    fids = [float(line.split()[3]) for line in lines]
+    # the two processes share stdout, so their lines can interleave: find the reports, not the lines
+    reports = sorted(re.findall(r"rank (\d) fid (\d+\.\d{6})", result.stdout))
+    assert [rank for rank, _ in reports] == ["0", "1"], result.stdout[-2000:]
+    fids = [float(fid) for _, fid in reports]
     assert fids[0] == pytest.approx(fids[1], rel=1e-6)  # one FID, reduced over both ranks' samples

@@ -297,3 +297,13 @@ def test_training_terms_are_logged_on_the_loggers_steps_and_as_exact_epoch_means
     ]
     assert epoch_means == pytest.approx(expected, rel=1e-5)
     assert t.callback_metrics["train/loss"] == pytest.approx(expected[1], rel=1e-5)
+
+
+def test_resuming_with_other_settings_in_python_names_them(digits, tmp_path):
+    """The same check as the command line's, for trainer.fit(model, ckpt_path=...) in a user's own script."""
+    first = trainer(max_epochs=1, enable_checkpointing=True, callbacks=[ModelCheckpoint(tmp_path, save_last=True)])
+    first.fit(VAE(latent_dim=3, beta=1.0, **DIGITS), datamodule=digits)
+    with pytest.raises(ValueError, match=r"beta: 1.0 in the checkpoint, 2.0 now; latent_dim: 3 in the checkpoint, 4"):
+        trainer(max_epochs=2).fit(
+            VAE(latent_dim=4, beta=2.0, **DIGITS), datamodule=digits, ckpt_path=tmp_path / "last.ckpt"
+        )

@@ -20,6 +20,17 @@ def _rnn(cell: str, input_size: int, hidden_dim: int, num_layers: int, bidirecti
     return rnn_cls(input_size, hidden_dim, num_layers, batch_first=True, bidirectional=bidirectional)
 
 
+def _run_rnn(rnn: nn.RNNBase, inputs, state: RNNState | None = None):
+    """``rnn(inputs, state)``, in float32 under CPU autocast: oneDNN has no bf16 LSTM for every shape ("could not
+    create a primitive descriptor"), while CUDA autocast runs recurrent layers in half precision as they are."""
+    if not torch.is_autocast_enabled("cpu"):
+        return rnn(inputs, state)
+    if state is not None:
+        state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+    with torch.autocast("cpu", enabled=False):
+        return rnn(inputs.float(), state)
+
+
 def _input_layer(
     vocab_size: int | None, input_dim: int | None, embedding_dim: int, padding_idx: int
 ) -> tuple[nn.Module | None, int]:
@@ -75,7 +86,7 @@ class SequenceEncoder(nn.Module):
         h = x if self.embedding is None else self.embedding(x)
         # pack_padded_sequence wants lengths on the CPU; enforce_sorted=False returns states in input order
         packed = pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, state = self.rnn(packed)
+        _, state = _run_rnn(self.rnn, packed)
         h_n = state[0] if isinstance(state, tuple) else state  # (layers * directions, B, H)
         last = h_n.view(self.rnn.num_layers, self.num_directions, x.shape[0], -1)[-1]  # top layer: (dirs, B, H)
         return self.head(last.transpose(0, 1).flatten(1))
@@ -126,5 +137,5 @@ class SequenceDecoder(nn.Module):
 
     def forward(self, inputs: Tensor, z: Tensor, state: RNNState | None = None) -> tuple[Tensor, RNNState]:
         h = inputs if self.embedding is None else self.embedding(inputs)
-        out, state = self.rnn(h, self.initial_state(z) if state is None else state)
+        out, state = _run_rnn(self.rnn, h, self.initial_state(z) if state is None else state)
         return self.head(out), state
