@@ -53,6 +53,33 @@ def ddp_runs(tmp_path_factory):
     return folder
 
 
+LOAD_SCRIPT = """
+import sys
+
+import torch
+
+import dgm_lightning
+
+for family in sys.argv[1:]:
+    (path,) = __import__("pathlib").Path(family).glob("dgm-lightning/*/checkpoints/last.ckpt")
+    name = torch.load(path, weights_only=True)["hyper_parameters"]["_class_path"].rsplit(".", 1)[-1]
+    model = getattr(dgm_lightning, name).load_from_checkpoint(path, weights_only=True)
+    torch.save(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), f"{family}_loaded.pt")
+"""
+
+
+def test_every_familys_checkpoint_loads_in_a_fresh_process_with_weights_only(ddp_runs):
+    (ddp_runs / "load.py").write_text(LOAD_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "load.py", *RECIPES], cwd=ddp_runs, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for family in RECIPES:
+        trained = torch.load(ddp_runs / f"{family}_rank0.pt", weights_only=False)["params"]
+        assert torch.equal(torch.load(ddp_runs / f"{family}_loaded.pt"), trained), family
+
+
 @pytest.mark.parametrize("family", RECIPES)
 def test_every_family_trains_under_ddp_with_ranks_in_step_and_metrics_reduced(family, ddp_runs):
     rank0, rank1 = (torch.load(ddp_runs / f"{family}_rank{r}.pt", weights_only=False) for r in (0, 1))
