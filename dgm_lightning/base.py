@@ -254,8 +254,8 @@ class GenerativeModel(L.LightningModule):
     # -- logging ---------------------------------------------------------------------------------
 
     def log_terms(self, terms: dict[str, Tensor], stage: str, batch_size: int) -> None:
-        """Add named scalars to this epoch's means, logged as ``{stage}/{name}`` at the epoch's end
-        (``train/{name}_epoch``; training also logs ``train/{name}_step``, rank zero's batch, on the logger's steps).
+        """Add named scalars to this epoch's means, logged as ``{stage}/{name}`` at the epoch's end; training also
+        logs ``train/{name}_step``, rank zero's batch, on the logger's steps.
 
         Written by hand rather than one ``self.log`` per term and step: Lightning's bookkeeping costs about a
         millisecond per ``self.log`` call, as much as a whole training step of a small model (benchmarks/overhead.py).
@@ -284,14 +284,8 @@ class GenerativeModel(L.LightningModule):
         # (terms, 2): weighted sum and count; summed over ranks, so the mean weighs every example once
         totals = torch.stack([torch.stack([total, torch.as_tensor(count).to(total)]) for total, count in sums.values()])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        means = dict(zip((f"{stage}/{name}" for name in sums), totals[:, 0] / totals[:, 1], strict=True))
-        if stage == "train":
-            # Lightning's names for a term logged per step and per epoch: "_epoch" for the loggers, and the
-            # plain name for callbacks (ModelCheckpoint(monitor="train/loss"))
-            self.log_dict({f"{name}_epoch": mean for name, mean in means.items()})
-            self.log_dict(means, logger=False)
-        else:
-            self.log_dict(means)
+        # one self.log per term: loggers and callbacks (ModelCheckpoint(monitor="train/loss")) read the same name
+        self.log_dict(dict(zip((f"{stage}/{name}" for name in sums), totals[:, 0] / totals[:, 1], strict=True)))
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_means("train")

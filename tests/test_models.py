@@ -290,7 +290,7 @@ def test_training_terms_are_logged_on_the_loggers_steps_and_as_exact_epoch_means
     assert [float(row["train/loss_step"]) for row in step_rows] == pytest.approx(
         [Recorder.losses[2][0], Recorder.losses[5][0]]
     )
-    epoch_means = [float(row["train/loss_epoch"]) for row in rows if row["train/loss_epoch"]]
+    epoch_means = [float(row["train/loss"]) for row in rows if row["train/loss"]]
     expected = [
         sum(loss * n for loss, n in epoch) / sum(n for _, n in epoch)
         for epoch in (Recorder.losses[:4], Recorder.losses[4:])

@@ -1,0 +1,154 @@
+"""Quality at a fixed CPU budget on Fashion-MNIST: VAE test ELBO and IWAE NLL, flow test bits/dim, GAN FID/KID.
+
+    python benchmarks/quality.py [--quick] [--data-dir /usr/share/datasets/fashion-mnist] [--json PATH]
+
+The budget is a number of training batches per model (the same for every model and for the peers in peers.py)
+and a number of test images; ``--quick`` trains on a fraction of an epoch and tests on a subset, and the
+printed table says so. FID and KID use the features of a ``Classifier`` trained here on the same data with
+the same budget (offline; so on another scale than Inception-feature FIDs such as Lucic et al. 2018's best,
+21.5 (WGAN) to 30.7 (LSGAN) on Fashion-MNIST). Bits/dim are those of the 8-bit images (Glow trained to
+convergence: about 3.1). The published numbers are context for long training, not targets for a short budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the helpers beside it
+
+import lightning as L  # noqa: E402
+from common import FASHION_MNIST, add_common_args, apply_common_args, machine, make_trainer, print_table, write_json  # noqa: E402
+
+from callbacks import GenerativeMetrics  # noqa: E402
+from datamodules import FashionMNISTDataModule  # noqa: E402
+from dgm_lightning import GAN, VAE, Classifier, Flow  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every model gets: ``epochs`` passes over ``train_batches`` batches (None: the whole training set) of
+    ``batch_size`` images, then a test on ``test_images`` official test images; ``iwae_samples`` for the NLL."""
+
+    epochs: int
+    train_batches: int | None
+    test_images: int
+    batch_size: int = 128
+    iwae_samples: int = 100
+
+    def describe(self) -> str:
+        seen = "all 55,000" if self.train_batches is None else f"{self.train_batches * self.batch_size:,}"
+        return (
+            f"{self.epochs} epoch(s) x {seen} training images (batch {self.batch_size}), "
+            f"test on {self.test_images:,} official test images, IWAE with {self.iwae_samples} samples"
+        )
+
+    @property
+    def test_batches(self) -> int:
+        return -(-self.test_images // self.batch_size)
+
+
+QUICK = Budget(epochs=1, train_batches=30, test_images=500, iwae_samples=50)
+FULL = Budget(epochs=3, train_batches=None, test_images=10000, iwae_samples=100)
+
+
+def fashion_mnist(data_dir: str | Path, budget: Budget, value_range=(0.0, 1.0)) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule(str(data_dir), batch_size=budget.batch_size, value_range=value_range)
+
+
+def fit_and_test(
+    model: L.LightningModule, data, budget: Budget, callbacks=(), save_to: Path | None = None
+) -> tuple[dict, float]:
+    """Train with the budget (saving a checkpoint to ``save_to``), then test; the test metrics and the training
+    time in seconds."""
+    L.seed_everything(0, verbose=False)
+    train = make_trainer(max_epochs=budget.epochs, limit_train_batches=budget.train_batches or 1.0)
+    start = time.perf_counter()
+    train.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    if save_to is not None:
+        train.save_checkpoint(save_to)
+    test = make_trainer(limit_test_batches=budget.test_batches, callbacks=list(callbacks))
+    (metrics,) = test.test(model, datamodule=data, verbose=False)
+    return {k: float(v) for k, v in metrics.items()}, seconds
+
+
+def vae_quality(data_dir, budget: Budget) -> dict[str, float]:
+    model = VAE(32, architecture="conv", hidden_dims=[32, 64, 128], iwae_samples=budget.iwae_samples)
+    metrics, seconds = fit_and_test(model, fashion_mnist(data_dir, budget), budget)
+    return {"test_elbo_nats": metrics["test/elbo"], "test_iwae_nll_nats": metrics["test/nll"], "train_s": seconds}
+
+
+def flow_quality(data_dir, budget: Budget) -> dict[str, float]:
+    model = Flow("glow", num_scales=2, num_steps=4, hidden_channels=64, quantization_levels=256)
+    metrics, seconds = fit_and_test(model, fashion_mnist(data_dir, budget), budget)
+    return {"test_bits_per_dim": metrics["test/bpd"], "train_s": seconds}
+
+
+def gan_quality(data_dir, budget: Budget, workdir: Path) -> dict[str, float]:
+    """DCGAN FID/KID on the features of a classifier trained with the same budget (its accuracy reported too)."""
+    classifier = Classifier(10, feature_dim=128, hidden_dims=(32, 64, 128))
+    checkpoint = workdir / "classifier.ckpt"
+    class_metrics, _ = fit_and_test(classifier, fashion_mnist(data_dir, budget), budget, save_to=checkpoint)
+    gan = GAN(100, architecture="dcgan", hidden_dims=[64, 128], lr_g=2e-4, lr_d=2e-4)
+    kid_subset = min(100, budget.test_images)
+    metrics_callback = GenerativeMetrics(
+        metrics=("fid", "kid"), classifier_checkpoint=str(checkpoint), num_samples=budget.test_images,
+        kid_subset_size=kid_subset,
+    )  # fmt: skip
+    data = fashion_mnist(data_dir, budget, value_range=(-1.0, 1.0))
+    metrics, seconds = fit_and_test(gan, data, budget, callbacks=[metrics_callback])
+    return {
+        "fid": metrics["test/fid"],
+        "kid": metrics["test/kid"],
+        "classifier_test_accuracy": class_metrics["test/accuracy"],
+        "train_s": seconds,
+    }
+
+
+def run(data_dir: str | Path, budget: Budget) -> dict:
+    if not Path(data_dir).is_dir():
+        print(f"\nQuality: skipped, no Fashion-MNIST in {data_dir} (apt-get install dataset-fashion-mnist)")
+        return {"skipped": f"no Fashion-MNIST in {data_dir}"}
+    with tempfile.TemporaryDirectory() as workdir:
+        results = {
+            "budget": {**asdict(budget), "description": budget.describe()},
+            "VAE": vae_quality(data_dir, budget),
+            "Flow": flow_quality(data_dir, budget),
+            "GAN": gan_quality(data_dir, budget, Path(workdir)),
+        }
+    vae, flow, gan = results["VAE"], results["Flow"], results["GAN"]
+    print_table(
+        f"Quality on Fashion-MNIST, budget: {budget.describe()}",
+        ["model", "metric", "value", "train s", "published anchor (long training)"],
+        [
+            ["VAE (conv)", "test ELBO, nats", vae["test_elbo_nats"], vae["train_s"], "-"],
+            ["VAE (conv)", "test IWAE NLL, nats", vae["test_iwae_nll_nats"], vae["train_s"], "-"],
+            ["Glow (2x4, 64 ch)", "test bits/dim", flow["test_bits_per_dim"], flow["train_s"], "Glow ~3.1"],
+            ["DCGAN", "FID (classifier features)", gan["fid"], gan["train_s"], "21.5-30.7 (Inception)"],
+            ["DCGAN", "KID (classifier features)", gan["kid"], gan["train_s"], "-"],
+            ["Classifier", "test accuracy", gan["classifier_test_accuracy"], "-", "-"],
+        ],
+    )
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"budget: {QUICK.describe()}")
+    parser.add_argument("--data-dir", default=str(FASHION_MNIST))
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    apply_common_args(args)
+    results = {"machine": machine(), "quality": run(args.data_dir, QUICK if args.quick else FULL)}
+    if args.json:
+        write_json(results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

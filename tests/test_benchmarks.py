@@ -1,0 +1,65 @@
+"""The benchmark scripts run and write the tables they promise (benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_script(script: str, *args: str, timeout: float) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, check=True, timeout=timeout)
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def check_overhead(table: dict, families) -> None:
+    assert set(table) == set(families)
+    for row in table.values():
+        for key in ("hand_steps_per_s", "bare_lightning_steps_per_s", "trainer_steps_per_s", "ratio"):
+            assert positive(row[key]), (key, row)
+
+
+def test_overhead_script_writes_its_table(tmp_path):
+    out = tmp_path / "overhead.json"
+    run_script(
+        "overhead.py", "--families", "AE", "--epochs", "2", "--repeats", "1", "--threads", "1", "--json", str(out),
+        timeout=120,
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    check_overhead(results["overhead"], ["AE"])
+    assert results["machine"]["torch"] and results["machine"]["cpu_count"] >= 1
+
+
+@pytest.mark.slow
+def test_quick_mode_prints_and_writes_every_table(tmp_path):
+    out = tmp_path / "quick.json"
+    run_script("run.py", "--quick", "--json", str(out), timeout=20 * 60)
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    for table in results["overhead"].values():
+        check_overhead(table, ["AE", "VAE", "GAN", "Flow", "FlowVAE", "RecurrentVAE", "Classifier"])
+    for family in results["scaling"].values():
+        for point in family["by_batch_size"] + family["by_image_size"]:
+            assert positive(point["steps_per_s"]) and positive(point["examples_per_s"]), point
+            assert math.isfinite(point["peak_memory_mib"]) and point["peak_memory_mib"] >= 0, point
+        assert positive(family["per_example_time_ratio"])
+    if FASHION_MNIST.is_dir():
+        quality = results["quality"]
+        assert math.isfinite(quality["VAE"]["test_elbo_nats"]) and positive(quality["VAE"]["test_iwae_nll_nats"])
+        assert positive(quality["Flow"]["test_bits_per_dim"])
+        assert positive(quality["GAN"]["fid"]) and math.isfinite(quality["GAN"]["kid"])
+        for row in results["peers"].values():
+            if isinstance(row, dict):
+                assert positive(row["ours_s_per_epoch"])
+                assert "peer_s_per_epoch" not in row or positive(row["peer_s_per_epoch"])
+    assert out.with_suffix(".png").is_file()
