@@ -146,6 +146,21 @@ def test_a_nan_in_evaluation_data_is_named(family, tmp_path):
         cli.trainer.validate(cli.model, datamodule=cli.datamodule)
 
 
+@pytest.mark.parametrize("family", RECIPES)
+def test_a_non_positive_learning_rate_or_size_is_named_by_every_family(family):
+    lr = "--model.lr_g" if family == "gan" else "--model.lr"
+    size = {"flow": "--model.hidden_channels", "classifier": "--model.feature_dim"}.get(family, "--model.latent_dim")
+    for flag, message in [(lr, "lr(_g)? must be > 0"), (size, "must be (> 0|a positive integer)")]:
+        with pytest.raises(ValueError, match=message):
+            DGMCLI(args=["--config", str(CONFIGS / f"{RECIPES[family]}.yaml"), flag, "0"], run=False)
+
+
+def test_the_node_count_goes_to_the_trainer_as_given():
+    """Multi-node runs are Lightning's (torchrun, SLURM): the command line only has to pass the shape on."""
+    cli = DGMCLI(args=["--config", str(CONFIGS / "vae_digits.yaml"), "--trainer.num_nodes", "2"], run=False)
+    assert cli.trainer.num_nodes == 2
+
+
 # -- checkpoints: bad ones are refused before anything is written; a killed run resumes ----------------------
 
 
