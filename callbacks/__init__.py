@@ -1,9 +1,10 @@
-"""Lightning callbacks: hyperparameter schedules, image grids, generative metrics, prediction writing."""
+"""Lightning callbacks: hyperparameter schedules, image grids and text, generative metrics, prediction writing."""
 
 from callbacks.images import ImageLogger, run_dir
 from callbacks.metrics import ClassifierFeatures, GenerativeMetrics, InceptionFeatures
 from callbacks.predictions import PredictionWriter
 from callbacks.schedule import ParameterSchedule, schedule_value
+from callbacks.text import TextLogger
 
 __all__ = [
     "ClassifierFeatures",
@@ -12,6 +13,7 @@ __all__ = [
     "InceptionFeatures",
     "ParameterSchedule",
     "PredictionWriter",
+    "TextLogger",
     "run_dir",
     "schedule_value",
 ]

@@ -159,7 +159,9 @@ class GenerativeMetrics(Callback):
                 features, subset_size=self.kid_subset_size, reset_real_features=False, normalize=True
             )
         if "is" in self.metric_names:
-            built["is"] = InceptionScore(logits, normalize=True)
+            # normalize=False: with it, torchmetrics' IS turns the images into uint8 0..255 even for a custom
+            # extractor (its FID does not), and both extractors here take floats in [0, 1]
+            built["is"] = InceptionScore(logits, normalize=False)
         return {name: metric.to(device) for name, metric in built.items()}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

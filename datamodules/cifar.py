@@ -22,7 +22,14 @@ def read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     published one (so also any subset or copy made for tests).
     """
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        try:
+            batch = pickle.load(f, encoding="bytes")
+        # a cut file ends the pickle early: EOFError, or UnpicklingError("pickle data was truncated")
+        except (EOFError, pickle.UnpicklingError) as error:
+            raise ValueError(
+                f"{path} is truncated or corrupt ({error}); delete it and fetch it again "
+                "(download: true, --data.download true on the command line)"
+            ) from error
     data, labels = batch[b"data"], batch[b"labels"]
     return torch.as_tensor(data, dtype=torch.uint8).view(-1, 3, 32, 32), torch.as_tensor(labels, dtype=torch.long)
 

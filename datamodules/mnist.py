@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import torch
@@ -18,20 +19,33 @@ FILES = {
 }
 
 
+# what to do about a damaged file: a partial download or an interrupted copy or installation
+REFETCH = (
+    "delete it and fetch it again (download: true, --data.download true on the command line), or re-install "
+    "it (Debian's Fashion-MNIST: apt-get install --reinstall dataset-fashion-mnist)"
+)
+
+
 def read_idx(path: Path) -> Tensor:
     """An IDX file (the MNIST format), gzipped or not, as a uint8 tensor.
 
     Written out because torchvision's reader opens only uncompressed files, while the files as
     distributed (and as Debian's dataset-fashion-mnist installs them) are gzipped.
     """
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        # a cut file ends the stream early (EOFError); a damaged one fails its header or checksum
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise ValueError(f"{path} is truncated or corrupt ({error}); {REFETCH}") from error
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad header)")
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad header); {REFETCH}")
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = data[4 + 4 * ndim :]
     if len(body) != torch.Size(shape).numel():
-        raise ValueError(f"{path} is truncated: header says {shape}, found {len(body)} bytes of data")
+        raise ValueError(f"{path} is truncated: header says {shape}, found {len(body)} bytes of data; {REFETCH}")
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(shape)
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, MultivariateNormal
+from torch.nn import functional as F
 from torchmetrics import CatMetric
 
 from dgm_lightning import objectives
@@ -21,7 +22,8 @@ Architecture = Literal["mlp", "conv"]
 class LatentVariableModel(GenerativeModel):
     """What autoencoders and VAEs share: encoder and decoder nets, a named decoder likelihood, conditioning.
 
-    Subclasses define ``encoder_out_dim``, ``encode``, ``sample_latent`` and ``loss_terms``.
+    Subclasses define ``encoder_out_dim``, ``_encode`` (``encode`` without its input checks), ``latent_from_noise``
+    and ``loss_terms``.
 
     Args:
         latent_dim: size of the code.
@@ -91,11 +93,18 @@ class LatentVariableModel(GenerativeModel):
     # -- the protocol callbacks use ---------------------------------------------------------------
 
     def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
-        """Images (B, C, H, W) -> codes (B, latent_dim)."""
+        """Images (B, C, H, W) -> codes (B, latent_dim), the input checked as training batches are."""
+        labels = self.check_input(x, labels, "encode")
+        return self._encode(x, labels)
+
+    def _encode(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """``encode`` without the input checks: for batches that ``unpack_batch`` has checked."""
         raise NotImplementedError
 
     def decode(self, z: Tensor, *, labels: Tensor | None = None) -> Tensor:
         """Codes (B, latent_dim) -> images (B, C, H, W): the mean of the decoder distribution."""
+        self.check_codes(z, "decode")
+        labels = self.check_labels(labels, z.shape[0])
         return self.decoder_distribution(z, labels).mean
 
     def reconstruct(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
@@ -106,14 +115,23 @@ class LatentVariableModel(GenerativeModel):
     @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         """Draw n images (B, C, H, W); ``temperature`` scales the latent noise (0 gives the mode)."""
-        check_positive(n=n)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        labels = self.default_labels(n) if labels is None else self.check_labels(labels, n)
-        return self.decode(self.sample_latent(n, temperature), labels=labels)
+        labels = self.default_labels(n) if labels is None else labels
+        return self.from_noise(self.draw_noise(n, temperature), labels=labels)
 
-    def sample_latent(self, n: int, temperature: float) -> Tensor:
-        """n codes (n, latent_dim) to decode, the noise scaled by temperature."""
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the standard normal noise of one sample (``from_noise``): (latent_dim,)."""
+        return (self.latent_dim,)
+
+    def from_noise(self, noise: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) from standard normal noise (B, latent_dim): the decoder mean at the code that the
+        noise gives (``latent_from_noise``). ``sample`` scales the noise by its temperature; an exported sampler
+        (``dgm_lightning.export``) is this map."""
+        labels = self.check_noise(noise, labels)
+        return self.decoder_distribution(self.latent_from_noise(noise), labels).mean
+
+    def latent_from_noise(self, noise: Tensor) -> Tensor:
+        """Codes (B, latent_dim) from standard normal noise (B, latent_dim): the prior's reparameterisation."""
         raise NotImplementedError
 
     # -- internals ---------------------------------------------------------------------------
@@ -138,6 +156,15 @@ class LatentVariableModel(GenerativeModel):
         """Named scalar terms of the objective (``loss`` is minimised) and the codes of x."""
         raise NotImplementedError
 
+    def value_range_advice(self) -> str:
+        if self.likelihood in ("bernoulli", "continuous_bernoulli"):
+            return (
+                f"the {self.likelihood} likelihood models values in (0, 1): map the data into (0, 1), or use a "
+                'gaussian likelihood with the range of the data (likelihood="gaussian", value_range=(low, high) in '
+                'Python; --model.likelihood gaussian --model.value_range "[low, high]" on the command line)'
+            )
+        return super().value_range_advice()
+
     def _shared_step(self, batch, stage: str) -> dict[str, Tensor] | None:
         """Compute and log the loss terms; None for a training step skipped by the divergence policy."""
         x, labels = self.unpack_batch(batch)
@@ -147,6 +174,8 @@ class LatentVariableModel(GenerativeModel):
         self.log_terms(terms, stage, batch_size=x.shape[0])
         if stage == "val":
             self.val_codes.update(codes.detach())
+        elif stage == "train":
+            self.on_training_codes(codes)
         return terms
 
     # -- Lightning hooks -----------------------------------------------------------------------
@@ -170,6 +199,9 @@ class LatentVariableModel(GenerativeModel):
     def on_validation_codes(self, codes: Tensor) -> None:
         """Called with all validation codes (N, latent_dim), gathered across ranks."""
 
+    def on_training_codes(self, codes: Tensor) -> None:
+        """Called with the codes (B, latent_dim) of each training batch that is not skipped."""
+
     def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         """For each input batch: the inputs, their reconstructions and as many fresh samples."""
         x, labels = self.unpack_batch(batch)
@@ -186,8 +218,11 @@ class LatentVariableModel(GenerativeModel):
 class AE(LatentVariableModel):
     """Autoencoder whose reconstruction loss is the negative log-likelihood of a named decoder distribution.
 
-    A plain autoencoder has no prior, so ``sample`` draws codes from a Gaussian fitted to the validation
-    codes after each validation epoch (ex-post density estimation); the fit is saved in checkpoints.
+    A plain autoencoder has no prior, so ``sample`` draws codes from a Gaussian fitted to the codes of the data
+    (ex-post density estimation): to the validation codes after each validation epoch; in a fit without
+    validation (no validation data, or ``limit_val_batches: 0``), to the codes of each training epoch, gathered
+    while it trains (so from weights that change over the epoch), until a validation runs. Either way the
+    statistics are reduced over all ranks and the fit is saved in checkpoints. Before any fit it is N(0, I).
 
     Args: see ``LatentVariableModel``.
 
@@ -217,28 +252,69 @@ class AE(LatentVariableModel):
         )  # fmt: skip
         self.register_buffer("code_mean", torch.zeros(latent_dim))
         self.register_buffer("code_scale_tril", torch.eye(latent_dim))
+        # this epoch's training codes c, shifted by code_mean for precision, as sums of [c, 1]^T [c, 1]: the sums of
+        # outer products, of codes (last column) and their count (last entry); None while validation provides codes
+        self._training_moments: Tensor | None = None
+        self._validated = False  # whether this fit has run a validation epoch (the sanity check counts)
 
     @property
     def encoder_out_dim(self) -> int:
         return self.latent_dim
 
-    def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
-        """Images (B, C, H, W) -> codes (B, latent_dim)."""
+    def _encode(self, x: Tensor, labels: Tensor | None) -> Tensor:
         return self.encoder_output(x, labels)
 
-    def sample_latent(self, n: int, temperature: float) -> Tensor:
-        """Codes from the Gaussian fitted to the validation codes."""
-        eps = torch.randn(n, self.latent_dim, device=self.device) * temperature
-        return self.code_mean + eps @ self.code_scale_tril.T
+    def latent_from_noise(self, noise: Tensor) -> Tensor:
+        """Codes from the Gaussian fitted to the codes of the data."""
+        return self.code_mean + noise @ self.code_scale_tril.T
 
     def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
-        codes = self.encode(x, labels=labels)
+        codes = self._encode(x, labels)
         reconstruction = self.decoder_distribution(codes, labels).log_prob(x).mean()
         return {"loss": -reconstruction, "reconstruction": reconstruction}, codes
 
     def on_validation_codes(self, codes: Tensor) -> None:
         """Fit the sampling Gaussian to the validation codes."""
-        self.code_mean.copy_(codes.mean(0))
+        self._validated = True
+        self.fit_code_gaussian(codes.mean(0), torch.atleast_2d(torch.cov(codes.T)))
+
+    def fit_code_gaussian(self, mean: Tensor, cov: Tensor) -> None:
+        """Set the sampling Gaussian to N(mean, cov)."""
+        self.code_mean.copy_(mean)
         # jitter keeps the covariance positive definite when N is small or codes are degenerate
-        cov = torch.atleast_2d(torch.cov(codes.T)) + 1e-4 * torch.eye(self.latent_dim, device=codes.device)
+        cov = cov + 1e-4 * torch.eye(self.latent_dim, device=cov.device)
         self.code_scale_tril.copy_(MultivariateNormal(self.code_mean, covariance_matrix=cov).scale_tril)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._validated = False
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        d = self.latent_dim + 1
+        # at least float32, which counts exactly up to 2**24 examples an epoch (half precision would stop at 2**8)
+        dtype = torch.promote_types(self.code_mean.dtype, torch.float32)
+        self._training_moments = None if self._validated else torch.zeros(d, d, device=self.device, dtype=dtype)
+
+    def on_training_codes(self, codes: Tensor) -> None:
+        # a few small tensor operations per step, and only in a fit without validation
+        if self._training_moments is not None:
+            moments = self._training_moments
+            shifted = F.pad(codes.detach().to(moments.dtype) - self.code_mean, (0, 1), value=1.0)  # (B, D + 1)
+            moments.addmm_(shifted.T, shifted)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        # the epoch's validation (it runs before this hook) has fitted the Gaussian already, if there was one
+        if self._training_moments is None or self._validated:
+            return
+        # summed over ranks: every rank has the same moments then, so every rank makes the same fit
+        moments = self.trainer.strategy.reduce(self._training_moments, reduce_op="sum").cpu().double()
+        self._training_moments = None
+        n, d = moments[-1, -1], self.latent_dim
+        if n < 2:  # every step skipped, or a single example: nothing to fit
+            return
+        mean = moments[:d, -1] / n  # of the shifted codes
+        cov = (moments[:d, :d] - n * torch.outer(mean, mean)) / (n - 1)
+        shift = self.code_mean.cpu().double()
+        self.fit_code_gaussian((shift + mean).to(self.code_mean), cov.to(self.code_mean))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import functional as F
+
+from dgm_lightning.compat import restricted_classmethod
 
 
 def _comparable(hparams: Mapping) -> dict:
@@ -22,10 +29,69 @@ def _comparable(hparams: Mapping) -> dict:
 
 
 def check_positive(**values: float | None) -> None:
-    """Raise a ValueError for each named value that is not > 0 (None means 'not used' and passes)."""
+    """Raise a ValueError for each named value that is not a finite number > 0 (None means 'not used' and passes)."""
     for name, value in values.items():
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+        # written so that NaN fails too: every comparison with NaN is False
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be > 0 and finite, got {value}")
+
+
+def check_non_negative(**values: float) -> None:
+    """Raise a ValueError for each named value that is not a finite number >= 0 (a weight that 0 switches off)."""
+    for name, value in values.items():
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+
+
+def check_positive_int(**values: int | None) -> None:
+    """Raise a ValueError for each named value that is not an integer > 0 (None means 'not used' and passes)."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_temperature(temperature: float) -> None:
+    """Refuse a sampling temperature that is not a finite number >= 0 (NaN or Inf would give NaN samples)."""
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 gives the mode), got {temperature}")
+
+
+def check_checkpoint_file(path: str | Path, *, weights_only: bool | None = None) -> None:
+    """Refuse a file that is not a readable checkpoint with a ValueError that says why.
+
+    torch's own error for such a file ends in the advice to load it with ``weights_only=False``, which would run
+    whatever code the file holds; this one names the reason without that advice.
+
+    Args:
+        path: the file.
+        weights_only: as ``torch.load`` (None: torch's default, True).
+    """
+    # a zip archive (every torch.save since PyTorch 1.6) is opened by mmap: only its index is read, not the weights
+    zipped = zipfile.is_zipfile(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=zipped, weights_only=weights_only)
+    except Exception as error:  # anything torch or pickle raise for a foreign or cut file
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({_unreadable_reason(error, zipped)}); it may be truncated (a run "
+            "killed while saving it) or not a file that a Trainer saved; use another one, such as a run's "
+            "checkpoints/last.ckpt"
+        ) from None  # not chained: torch's message would repeat the weights_only=False advice
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{path} is a PyTorch file but not a checkpoint of a dgm-lightning model (it has no state_dict); give a "
+            ".ckpt file that a Trainer saved"
+        )
+
+
+def _unreadable_reason(error: Exception, zipped: bool) -> str:
+    """The first sentence of why torch.load failed, without its advice to load with weights_only=False."""
+    text = str(error)
+    marker = "WeightsUnpickler error: "
+    if marker + "Unsupported global" in text:  # the file needs code to load: a class or function of some module
+        return "it refers to code, which loading would run: " + text.split(marker, 1)[1].split(". ")[0]
+    if not zipped and isinstance(error, (KeyError, EOFError, pickle.UnpicklingError)):
+        return "neither a zip archive, as torch.save writes, nor an older PyTorch file"
+    return text.strip().split("\n")[0].split(". ")[0] or type(error).__name__
 
 
 class GenerativeModel(L.LightningModule):
@@ -35,6 +101,11 @@ class GenerativeModel(L.LightningModule):
     skipped on every rank together, with a warning naming the terms; after ``max_nonfinite_steps``
     such steps in a row, training stops with an error naming them. Weights are never updated from a
     non-finite loss.
+
+    Data checks: a DataModule's declared ``data_spec`` is compared in ``setup``; the batches themselves, from any
+    DataModule, are checked for shape (always), for values in ``value_range`` and labels in [0, num_classes) (the
+    first training batch of each epoch and every evaluation batch: see ``check_batch``), and the inputs of the
+    public methods (``encode``, ``decode``, ``log_prob``) on every call.
 
     Args:
         data_shape: shape of one example: (C, H, W) for images, (D,) for vectors.
@@ -56,15 +127,16 @@ class GenerativeModel(L.LightningModule):
         super().__init__()
         if len(data_shape) == 0 or any(int(s) <= 0 for s in data_shape):
             raise ValueError(f"the data shape must be positive sizes, such as (C, H, W), got {tuple(data_shape)}")
-        if len(value_range) != 2 or not value_range[0] < value_range[1]:
-            raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 for a conditional model (or None), got {num_classes}")
+        if len(value_range) != 2 or not value_range[0] < value_range[1] or not all(map(math.isfinite, value_range)):
+            raise ValueError(f"value_range must be (low, high) with low < high, both finite, got {tuple(value_range)}")
+        if num_classes is not None and (not isinstance(num_classes, numbers.Integral) or num_classes < 2):
+            raise ValueError(f"num_classes must be >= 2 for a conditional model (or None), got {num_classes!r}")
         self.data_shape = tuple(int(s) for s in data_shape)
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.num_classes = num_classes
         self.nonfinite_steps = 0
         self.compile_networks = compile  # not self.compile: that is nn.Module's method
+        self._check_next_training_batch = True  # see check_batch: the first training batch of each epoch is checked
         # per stage, per set of term names: (sums of value x batch size, one per name; number of examples) so far
         self._term_sums: dict[str, dict[tuple[str, ...], tuple[Tensor, int]]] = {}
 
@@ -109,6 +181,9 @@ class GenerativeModel(L.LightningModule):
         if self.trainer.world_size > 1 and self.trainer.ckpt_path is None:
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
+    def on_train_epoch_start(self) -> None:
+        self._check_next_training_batch = True  # check_batch checks the epoch's first batch
+
     def on_fit_end(self) -> None:
         # Lightning only logs "No training batches" and returns; an empty training set deserves an error
         if self.trainer.num_training_batches == 0 and self.trainer.limit_train_batches != 0:
@@ -118,7 +193,8 @@ class GenerativeModel(L.LightningModule):
             )
 
     def unpack_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Split a batch into data and labels and check the data's shape (a cheap, sync-free check)."""
+        """Split a batch into data and labels and check them: the shapes always (sync-free), the values as
+        ``check_batch`` says."""
         if isinstance(batch, Tensor):
             x, y = batch, None
         elif isinstance(batch, (list, tuple)) and len(batch) in (1, 2):
@@ -128,28 +204,157 @@ class GenerativeModel(L.LightningModule):
                 f"{type(self).__name__} expects a batch that is an image tensor or an (images, labels) pair, "
                 f"got {type(batch).__name__}"
             )
-        if tuple(x.shape[1:]) != self.data_shape:
-            raise ValueError(
-                f"{type(self).__name__} expects batches of shape (B, {', '.join(map(str, self.data_shape))}) "
-                f"but got {tuple(x.shape)}; set the model's shape (img_shape for image models) to match the data"
-            )
-        self.check_evaluation_data(x)
+        self.check_shape(x, "batches")
         if self.num_classes is None:
-            return x, None
-        if y is None:
+            y = None
+        elif y is None:
             raise ValueError(
                 f"{type(self).__name__} is conditional (num_classes={self.num_classes}) but the batch has no labels"
             )
+        elif tuple(y.shape) != (x.shape[0],):
+            raise ValueError(
+                f"{type(self).__name__} expects one class index per example, labels of shape ({x.shape[0]},), "
+                f"but the batch's labels have shape {tuple(y.shape)}"
+            )
+        self.check_batch(x, y)
         return x, y
 
-    def check_evaluation_data(self, x: Tensor) -> None:
-        """Outside training, refuse data with NaN or Inf values (in training the divergence policy skips such a
-        step); a sync per batch, which evaluation can afford."""
-        if not self.training and x.is_floating_point() and not bool(x.isfinite().all()):
+    def check_shape(self, x: Tensor, what: str) -> None:
+        """Refuse x unless it is a batch of examples of ``data_shape`` (sync-free); ``what`` names x in the error."""
+        if x.dim() == 0 or tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(
-                f"{type(self).__name__}: a batch to evaluate holds NaN or Inf values; the metrics would be NaN. "
-                "Check the data that the DataModule yields"
+                f"{type(self).__name__} expects {what} of shape (B, {', '.join(map(str, self.data_shape))}) "
+                f"but got {tuple(x.shape)}; set the model's shape (img_shape for image models) to match the data"
             )
+
+    def check_batch(self, x: Tensor, labels: Tensor | None = None, *, mask: Tensor | None = None) -> None:
+        """Check the values of a batch that reaches a step (``check_values``) wherever that costs no steady-state sync.
+
+        The check waits for the device once. Evaluation checks every batch (its metrics need finite data, so it would
+        wait anyway); a training loop checks the first batch of each epoch, where a DataModule's mistake (another
+        value range, other labels) shows at once, and then runs without waiting; without a Trainer every call is
+        checked. NaN or Inf in training are the divergence policy's, which skips such a step.
+
+        Args:
+            x: the batch's data.
+            labels: its labels (None: none to check).
+            mask: the entries of x that count (True), such as the real steps of padded sequences; None: all.
+        """
+        if self.training and self._trainer is not None:
+            if not self._check_next_training_batch:
+                return
+            self._check_next_training_batch = False
+        what = "a training batch" if self.training else "a batch to evaluate"
+        self.check_values(x, labels, what=what, mask=mask, finite=not self.training)
+
+    def check_input(
+        self, x: Tensor, labels: Tensor | None, method: str, *, value_range: tuple[float, float] | None = None
+    ) -> Tensor | None:
+        """Check what a caller passes to a public method (``encode``, ``log_prob``, ...) as batches are checked: the
+        shape, the labels, NaN or Inf and the value range (one wait for the device). Returns the labels on the
+        model's device; ``value_range`` as in ``check_values``."""
+        what = f"the input of {method}"
+        self.check_shape(x, what)
+        labels = self.check_labels(labels, x.shape[0])
+        self.check_values(x, what=what, value_range=value_range)
+        return labels
+
+    def check_codes(self, z: Tensor, method: str) -> None:
+        """Refuse codes passed to a public method (``decode``) of a model with a ``latent_dim`` unless they are
+        (B, latent_dim) and finite (one wait for the device)."""
+        name = type(self).__name__
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(
+                f"{name} expects codes of shape (B, {self.latent_dim}) (latent_dim) as the input of {method}, "
+                f"but got {tuple(z.shape)}"
+            )
+        if not torch.compiler.is_exporting() and not bool(z.isfinite().all()):  # tracing has shapes, no values
+            raise ValueError(f"{name}: the input of {method} holds NaN or Inf values; pass finite codes")
+
+    def draw_noise(self, n: int, temperature: float) -> Tensor:
+        """Standard normal noise for n samples (n, *noise_shape), scaled by ``temperature``, after checking both:
+        what ``sample`` passes to ``from_noise`` in the models that draw from noise."""
+        check_positive_int(n=n)
+        check_temperature(temperature)
+        return temperature * torch.randn(n, *self.noise_shape, device=self.device)
+
+    def check_noise(self, noise: Tensor, labels: Tensor | None, method: str = "from_noise") -> Tensor | None:
+        """Refuse noise for ``from_noise`` unless it is (B, *noise_shape), and check the labels; returns them."""
+        if noise.dim() == 0 or tuple(noise.shape[1:]) != tuple(self.noise_shape):
+            raise ValueError(
+                f"{type(self).__name__} expects noise of shape (B, {', '.join(map(str, self.noise_shape))}) "
+                f"(noise_shape) as the input of {method}, but got {tuple(noise.shape)}"
+            )
+        return self.check_labels(labels, noise.shape[0])
+
+    def check_values(
+        self,
+        x: Tensor,
+        labels: Tensor | None = None,
+        *,
+        what: str,
+        mask: Tensor | None = None,
+        finite: bool = True,
+        value_range: tuple[float, float] | None = None,
+    ) -> None:
+        """Refuse NaN or Inf in x, values outside the value range and labels outside [0, num_classes), with errors that
+        name what was seen and the setting to change; waits for the device once.
+
+        Args:
+            x: the data.
+            labels: their labels (None: none to check).
+            what: how the errors name x ("a batch to evaluate", "the input of encode").
+            mask: the entries of x whose range counts (True), such as the real steps of padded sequences; None: all.
+            finite: refuse NaN and Inf (otherwise they are left out of the range).
+            value_range: the range that x must lie in, when not ``data_range`` (a flow's dequantized data).
+        """
+        if x.numel() == 0:
+            return
+        low, high = self.data_range if value_range is None else value_range
+        finite_values = x.isfinite()
+        counted = finite_values if mask is None else finite_values & mask
+        stats = [
+            finite_values.all(),
+            torch.where(counted, x, math.inf).amin(),
+            torch.where(counted, x, -math.inf).amax(),
+        ]
+        if labels is not None and labels.numel():
+            stats += [labels.amin(), labels.amax()]
+        values = torch.stack([stat.float() for stat in stats]).tolist()  # the one wait for the device
+        name = type(self).__name__
+        if finite and not values[0]:
+            raise ValueError(
+                f"{name}: {what} holds NaN or Inf values; the results (loss, metrics, codes) would be NaN. "
+                "Check the data: what the DataModule yields, or the tensor passed"
+            )
+        # a rounding error's margin: data mapped into the range by arithmetic can overshoot its ends by an ulp
+        margin = 1e-5 * (high - low)
+        if values[1] < low - margin or values[2] > high + margin:
+            expected = f"value_range {self.value_range}"
+            if (low, high) != self.value_range:
+                expected = f"[{low:.6g}, {high:.6g}] (from {expected})"
+            raise ValueError(
+                f"{name} expects values in {expected} but {what} holds values from {values[1]:.6g} to "
+                f"{values[2]:.6g}; {self.value_range_advice()}"
+            )
+        if len(values) == 5 and not (values[3] >= 0 and values[4] < self.num_classes):
+            raise ValueError(
+                f"{name} is conditional on num_classes={self.num_classes} classes: labels must lie in "
+                f"[0, {self.num_classes}), but {what} has labels from {values[3]:g} to {values[4]:g}; give the model "
+                "the data's number of classes (num_classes=... in Python, --model.num_classes on the command line)"
+            )
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        """The (low, high) that the data must lie in: ``value_range``, where a family gives it that meaning."""
+        return self.value_range
+
+    def value_range_advice(self) -> str:
+        """What to do about data outside the value range: the end of that error message."""
+        return (
+            "map the data into that range, or give the model the range of the data: value_range=(low, high) in "
+            'Python, --model.value_range "[low, high]" on the command line'
+        )
 
     def skip_nonfinite(self, terms: dict[str, Tensor]) -> bool:
         """Apply the divergence policy to this step's loss terms; True means: skip the step."""
@@ -191,7 +396,12 @@ class GenerativeModel(L.LightningModule):
             raise ValueError(f"{name} is conditional (num_classes={self.num_classes}): pass labels")
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        # the range needs the values, which torch.export's tracing does not have
+        if (
+            not torch.compiler.is_exporting()
+            and labels.numel()
+            and (labels.min() < 0 or labels.max() >= self.num_classes)
+        ):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
         return labels.to(self.device)
 
@@ -213,6 +423,27 @@ class GenerativeModel(L.LightningModule):
         return torch.cat([z, F.one_hot(labels.long(), self.num_classes).to(z.dtype)], dim=1)
 
     # -- checkpoints -----------------------------------------------------------------------------
+
+    @restricted_classmethod  # refuses a call on an instance, as Lightning's own does
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Lightning's ``load_from_checkpoint``, but a local file that is not a readable checkpoint gets an error
+        saying so (``check_checkpoint_file``) instead of torch's advice to load it with ``weights_only=False``.
+
+        Args: as ``LightningModule.load_from_checkpoint``; ``kwargs`` replace settings saved in the checkpoint.
+        """
+        if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
+            check_checkpoint_file(checkpoint_path, weights_only=weights_only)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+        )  # fmt: skip
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning saves no random state, so a resumed run would draw other noise and shuffle other
@@ -255,7 +486,8 @@ class GenerativeModel(L.LightningModule):
 
     def log_terms(self, terms: dict[str, Tensor], stage: str, batch_size: int) -> None:
         """Add named scalars to this epoch's means, logged as ``{stage}/{name}`` at the epoch's end; training also
-        logs ``train/{name}_step``, rank zero's batch, on the logger's steps.
+        logs ``train/{name}_step``, rank zero's batch, on the logger's steps. The progress bar shows the
+        ``progress_bar_terms`` of both (so its step values change on the logger's steps, ``log_every_n_steps``).
 
         Written by hand rather than one ``self.log`` per term and step: Lightning's bookkeeping costs about a
         millisecond per ``self.log`` call, as much as a whole training step of a small model (benchmarks/overhead.py).
@@ -269,8 +501,25 @@ class GenerativeModel(L.LightningModule):
         values = torch.stack([value.detach().float() for value in terms.values()])
         sums[names] = (total + values * batch_size, count + batch_size)
         if stage == "train" and (self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run):
-            # the logger connector's own test for "this step is written": private, so tests/test_models.py checks it
-            self.log_dict({f"train/{name}_step": value.detach() for name, value in terms.items()}, on_step=True)
+            # the logger connector's own test for "this step is written": private, so tests/test_models.py checks it.
+            # One copy to the host for all terms: the logger would wait for each term's value apart, and the
+            # progress bar reads its values after every step (a wait each time, for values left on a GPU)
+            self._log_named(dict(zip(names, values.cpu(), strict=True)), "train/{}_step", on_step=True)
+
+    # the terms that the progress bar shows (rank zero's step values and the epoch means): the main objective
+    progress_bar_terms: tuple[str, ...] = ("loss",)
+
+    def _log_named(self, values: dict[str, Tensor], key: str, on_step: bool | None = None) -> None:
+        """``log_dict`` each term's value under ``key.format(name)``; those of ``progress_bar_terms`` also on the
+        progress bar. The same number of ``self.log`` calls as one ``log_dict``, so no cost added."""
+        for prog_bar in (True, False):
+            group = {
+                key.format(name): value
+                for name, value in values.items()
+                if (name in self.progress_bar_terms) == prog_bar
+            }
+            if group:
+                self.log_dict(group, prog_bar=prog_bar, on_step=on_step)
 
     def _log_epoch_means(self, stage: str) -> None:
         groups = self._term_sums.pop(stage, {})
@@ -285,7 +534,7 @@ class GenerativeModel(L.LightningModule):
         totals = torch.stack([torch.stack([total, torch.as_tensor(count).to(total)]) for total, count in sums.values()])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         # one self.log per term: loggers and callbacks (ModelCheckpoint(monitor="train/loss")) read the same name
-        self.log_dict(dict(zip((f"{stage}/{name}" for name in sums), totals[:, 0] / totals[:, 1], strict=True)))
+        self._log_named(dict(zip(sums, totals[:, 0] / totals[:, 1], strict=True)), f"{stage}/{{}}")
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_means("train")

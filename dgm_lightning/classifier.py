@@ -52,7 +52,11 @@ class Classifier(GenerativeModel):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) in value_range -> features (B, feature_dim)."""
+        """Images (B, C, H, W) in value_range -> features (B, feature_dim).
+
+        Only the shape is checked (sync-free): the metrics also feed generated images, which may leave value_range.
+        """
+        self.check_shape(x, "images")
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:

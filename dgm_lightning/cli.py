@@ -1,32 +1,45 @@
 """The command line: LightningCLI with every model, DataModule and callback of the project by class name.
 
-``python train.py`` (no arguments) fits and tests the default recipe; anything else is LightningCLI:
-``python train.py fit --config configs/vae_digits.yaml --model.latent_dim 32``.
+``python train.py`` (no arguments) fits and tests the default recipe; ``fit``/``validate``/``test``/``predict`` are
+LightningCLI (``python train.py fit --config vae_digits --model.latent_dim 32``); ``recipes`` lists the shipped
+recipes and ``export`` exports a checkpoint's sampler. The installed ``dgm-lightning`` command is the same.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import netrc
 import os
 import socket
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import lightning as L
 import torch
-from jsonargparse import lazy_instance
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+import yaml
+from jsonargparse import Namespace, lazy_instance
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 import callbacks  # noqa: F401  (registers the callbacks' class names for --trainer.callbacks)
 import datamodules  # noqa: F401  (registers the DataModules' class names for --data)
 import dgm_lightning  # noqa: F401  (registers the models' class names for --model)
 from callbacks import run_dir
+from dgm_lightning.base import check_checkpoint_file
+from dgm_lightning.checkpoint_io import AtomicCheckpointIO
+from dgm_lightning.compat import drop_unset_wandb_anonymous
+from dgm_lightning.export import main as export_main
+from dgm_lightning.recipes import describe_recipes, expand_recipe_names
+from dgm_lightning.runs import job_settings, new_run_id, resolve_best, resolve_last, write_job
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "vae_digits.yaml"
+DEFAULT_RECIPE = "vae_digits"  # the default job's recipe (dgm_lightning/configs/vae_digits.yaml)
 WANDB_PROJECT = "dgm-lightning"
 
 # Tensors held in memory need no DataLoader worker processes; Lightning's advice to add some is noise here.
@@ -35,19 +48,58 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
 
 
+class LightningAdvertFilter(logging.Filter):
+    """Drop the Trainer's tips to install Lightning's cloud products (litlogger, litmodels): nothing to act on in a
+    run's output. Every other message of Lightning's logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("💡 Tip:") and ("litlogger" in message or "litmodels" in message))
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    if not any(isinstance(f, LightningAdvertFilter) for f in logging.getLogger(_name).filters):
+        logging.getLogger(_name).addFilter(LightningAdvertFilter())
+
+# dump/save arguments that keep settings given as null; jsonargparse 4.49 renamed skip_none (which it still takes,
+# with a deprecation warning) to skip_unset
+_SKIP = "skip_unset" if "skip_unset" in inspect.signature(LightningArgumentParser.dump).parameters else "skip_none"
+KEEP_NULLS = {_SKIP: False}
+
+
 class RunConfigSaver(SaveConfigCallback):
-    """Save the resolved config as ``config.yaml`` in the run's own directory and give it to the loggers.
+    """Save the resolved config as ``config.yaml`` and the run's job as ``job.yaml`` in the run's own directory, and
+    give the config to the loggers.
 
     Lightning's default writes to ``trainer.log_dir``, which for W&B is the shared root, so the second
-    run into the same folder would fail; the run directory is unique per run.
+    run into the same folder would fail; the run directory is unique per run. Settings given as null are kept
+    (as Lightning's own saver does): dropped, their defaults would come back when the file is reused.
+
+    Args:
+        job: the run's job settings (see ``dgm_lightning.runs``), or None to write no ``job.yaml``.
     """
+
+    def __init__(
+        self,
+        parser: LightningArgumentParser,
+        config: Namespace,
+        config_filename: str = "config.yaml",
+        overwrite: bool = False,
+        multifile: bool = False,
+        save_to_log_dir: bool = True,
+        job: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(parser, config, config_filename, overwrite, multifile, save_to_log_dir)
+        self.job = job
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, folder / self.config_filename, overwrite=True, multifile=False)
+        self.parser.save(self.config, folder / self.config_filename, overwrite=True, multifile=False, **KEEP_NULLS)
+        if self.job is not None:
+            write_job(folder, self.job)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": self.config.as_dict()})
 
@@ -71,18 +123,53 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+class Trainer(L.Trainer):
+    """Lightning's Trainer, its batch limits typed so that the command line reads ``1`` as one batch, not 100 %.
+
+    Lightning annotates them ``Optional[Union[int, float]]``, which Python's typing cache hands back as an equal
+    ``Union[float, int, None]`` made earlier by another module; jsonargparse then tries float first, so
+    ``--trainer.limit_val_batches 1`` became 1.0: every batch. Here int comes first; everything else is Lightning's.
+
+    Args:
+        limit_train_batches: how much of the training set to use each epoch: an int is a number of batches, a
+            float a fraction (None: all).
+        limit_val_batches: as ``limit_train_batches``, for the validation set.
+        limit_test_batches: as ``limit_train_batches``, for the test set.
+        limit_predict_batches: as ``limit_train_batches``, for the prediction set.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,  # the rest of Lightning's Trainer arguments, which LightningCLI reads from its signature
+    ) -> None:
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
+
+
 class DGMCLI(LightningCLI):
     """LightningCLI whose default logger is W&B, offline when there are no credentials or no network."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
             model_class=L.LightningModule,
+            trainer_class=Trainer,
             subclass_mode_model=True,
             datamodule_class=L.LightningDataModule,
             subclass_mode_data=True,
             trainer_defaults={
                 "default_root_dir": "runs",
-                "logger": lazy_instance(WandbLogger, project=WANDB_PROJECT, save_dir="runs"),
+                # save_dir None: it follows --trainer.default_root_dir (see instantiate_classes)
+                "logger": lazy_instance(WandbLogger, project=WANDB_PROJECT, save_dir=None),
             },
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False},
@@ -92,6 +179,19 @@ class DGMCLI(LightningCLI):
             run=run,
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:
+            # recipes by name (--config vae_digits), whether the arguments are the command line or given. Parsed
+            # here as LightningCLI parses a list, not handed to it, which would warn that both were given
+            self.config = parser.parse_args(expand_recipe_names(sys.argv[1:] if args is None else list(args)))
+        # the job as configured, before LightningCLI merges a checkpoint's settings into the config
+        dump = yaml.safe_load(parser.dump(self.config, skip_validation=True, **KEEP_NULLS))
+        subcommand = self.config.get("subcommand")
+        self.job = job_settings(dump[subcommand] if subcommand else dump)
+        self.save_config_kwargs["job"] = self.job
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the model's settings, class included, with the checkpoint's: a flag such as
         # --model.latent_dim 4 would be dropped without a word. Here the checkpoint is found and checked first.
@@ -100,9 +200,13 @@ class DGMCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "")
         if config is None or not config.get("ckpt_path"):
             return
-        logger = config.trainer.logger
-        root = getattr(getattr(logger, "init_args", None), "save_dir", None) or config.trainer.default_root_dir
-        config.ckpt_path = resolve_checkpoint(config.ckpt_path, Path(root or "."))  # checkpoints lie under root
+        if config.ckpt_path in ("last", "best"):
+            # only a run of the same job (dgm_lightning.runs), where the checkpoints of this one would lie
+            resolve = resolve_last if config.ckpt_path == "last" else resolve_best
+            config.ckpt_path = resolve(self.job, output_roots(config.trainer))
+            if config.ckpt_path is None:
+                return
+        config.ckpt_path = resolve_checkpoint(config.ckpt_path)
         configured = config.model.clone()
         super()._parse_ckpt_path()
         changed = settings_changed(configured, self.config[self.config.subcommand].model)
@@ -136,10 +240,30 @@ class DGMCLI(LightningCLI):
             )
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        # the run's folder, decided for this run only: config.yaml keeps the settings as given, so that reusing
+        # it with another --trainer.default_root_dir moves the run there, and a run without a logger gets a new
+        # folder again (predict writes to <root>/predictions/ instead)
+        given = config.trainer.clone()
+        for logger in logger_configs(config.trainer):
+            if follows_root(logger):
+                logger.init_args.save_dir = config.trainer.default_root_dir
+        if not logger_configs(config.trainer) and not config.trainer.logger and self.subcommand != "predict":
+            root = Path(config.trainer.default_root_dir or ".")
+            config.trainer.default_root_dir = str(root / WANDB_PROJECT / new_run_id())
+        try:
+            super().instantiate_classes()
+        finally:
+            config.trainer = given
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                drop_unset_wandb_anonymous(logger)
+                # wandb looks for a git repository from its folder, and warns when that folder does not exist yet
+                Path(logger.save_dir or ".").mkdir(parents=True, exist_ok=True)
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user configured
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # LightningCLI would silently replace the optimizers of a model that steps its own (manual optimization,
         # e.g. a GAN's two): refuse, and point at the model's own flags
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
         given = [f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
         if given == ["--lr_scheduler"] and self.model.automatic_optimization:
             # LightningCLI would silently ignore it: it replaces configure_optimizers only when given an optimizer
@@ -170,6 +294,9 @@ class DGMCLI(LightningCLI):
 
         model.configure_optimizers = configure_optimizers
 
+    def before_fit(self) -> None:
+        declare_best_summaries(self.trainer)
+
     def after_fit(self) -> None:
         announce_offline_wandb(self.trainer)
 
@@ -188,38 +315,66 @@ def settings_changed(configured, loaded) -> list[str]:
     ]
 
 
-def resolve_checkpoint(path: str, root: Path) -> str:
-    """``--ckpt_path``: ``last`` becomes the newest ``last.ckpt`` under the run root (each run, W&B or not, keeps
-    its checkpoints in a folder of its own, where Lightning's own ``last`` would look only in the new run's);
-    a file is checked to be a readable Lightning checkpoint, so that a bad one fails before any run starts."""
-    if path == "last":
-        found = sorted(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if found:
-            rank_zero_info(f"--ckpt_path last: resuming from {found[-1]}")
-            return str(found[-1])
-        return path  # Lightning warns that there is none and starts afresh: what a re-queued job wants
-    if path in ("best", "hpc", "registry"):
+def logger_configs(trainer: Namespace) -> list[Namespace]:
+    """The configured loggers (``--trainer.logger``: one, a list, or true/false/null)."""
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    return [logger for logger in loggers if isinstance(logger, Namespace) and "init_args" in logger]
+
+
+def follows_root(logger: Namespace) -> bool:
+    """Whether a W&B logger's folder is left to ``--trainer.default_root_dir``: no ``save_dir`` or ``dir`` given
+    (``.``, WandbLogger's own default, counts as none, as for ``--trainer.logger WandbLogger``)."""
+    settings = logger.init_args
+    return (
+        logger.class_path.endswith("WandbLogger")
+        and settings.get("save_dir") in (None, ".")
+        and not settings.get("dir")
+    )
+
+
+def output_roots(trainer: Namespace) -> list[Path]:
+    """Where this run's checkpoints will lie, and so where a run of the same job left its own: each logger's
+    ``save_dir`` (W&B's follows ``default_root_dir`` unless given) and ``default_root_dir``."""
+    loggers = [logger for logger in logger_configs(trainer) if not follows_root(logger)]
+    roots = [logger.init_args.get("save_dir") or logger.init_args.get("dir") for logger in loggers]
+    roots.append(trainer.default_root_dir)
+    return list(dict.fromkeys(Path(root or ".") for root in roots))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``--ckpt_path`` given as a file: checked to be a readable Lightning checkpoint, so that a bad one fails
+    before any run starts."""
+    if path in ("hpc", "registry"):
         return path
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"--ckpt_path {path}: no such file; give a .ckpt file (runs/<project>/<run>/checkpoints/last.ckpt), "
-            f"or 'last' for the newest last.ckpt under {root}"
+            "or 'last' to resume this job's newest run"
         )
     try:
-        # mmap: reading the index, not the weights, tells a whole checkpoint from a cut one; weights_only: as
-        # LightningCLI reads it next, and a file from elsewhere runs no code
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:
+        # weights_only: as LightningCLI reads it next, and a file from elsewhere runs no code
+        check_checkpoint_file(path, weights_only=True)
+    except ValueError as error:
+        raise ValueError(f"--ckpt_path {error}") from None
+    if "hyper_parameters" not in torch.load(path, map_location="cpu", mmap=True, weights_only=True):
         raise ValueError(
-            f"--ckpt_path {path} is not a readable checkpoint ({error}); it may be truncated (a run killed while "
-            "saving it) or not a PyTorch file; use another one, such as the run's last.ckpt"
-        ) from error
-    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= checkpoint.keys():
-        raise ValueError(
-            f"--ckpt_path {path} is not a checkpoint of a dgm-lightning model (no state_dict and hyper_parameters); "
+            f"--ckpt_path {path} is not a checkpoint of a dgm-lightning model (it has no hyper_parameters); "
             "give a .ckpt file saved by the Trainer"
         )
     return path
+
+
+def declare_best_summaries(trainer: L.Trainer) -> None:
+    """Make W&B's run summary hold the best value of each metric a ModelCheckpoint monitors (its mode: max or
+    min), not the last one, so that the runs table compares runs by what their best checkpoint scored."""
+    monitored = {c.monitor: c.mode for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and monitored:
+            for monitor, mode in monitored.items():
+                # the step axis as WandbLogger sets it for every metric ("*"), which a definition by name replaces
+                logger.experiment.define_metric(
+                    monitor, summary=mode, step_metric="trainer/global_step", step_sync=True
+                )
 
 
 def announce_offline_wandb(trainer: L.Trainer) -> None:
@@ -230,17 +385,31 @@ def announce_offline_wandb(trainer: L.Trainer) -> None:
             rank_zero_info(f"W&B run saved offline in {folder}; upload it with: wandb sync {folder}")
 
 
-def main(args: list[str] | None = None) -> DGMCLI:
-    """Run one job on ``args`` (default: the command line). No arguments: fit, then test, the default recipe.
+def main(args: list[str] | None = None) -> DGMCLI | None:
+    """Run one job on ``args`` (default: the command line); ``train.py`` and the ``dgm-lightning`` command call it.
+
+    - no arguments, or only options (``--trainer.max_epochs 5``): the default job, fit then test the default
+      recipe with those options on top;
+    - ``fit``, ``validate``, ``test``, ``predict``: LightningCLI; ``--config NAME`` names a shipped recipe;
+    - ``recipes``: list the shipped recipes; ``export CHECKPOINT --out FOLDER``: export its sampler.
 
     The job's W&B run is finished at the end: Lightning's WandbLogger would otherwise log a next job in the same
     process (a notebook, a sweep, DDP tests) into this run.
     """
-    args = sys.argv[1:] if args is None else args
-    if args:
-        cli = DGMCLI(args=args)
-    else:
-        cli = DGMCLI(args=["--config", str(DEFAULT_CONFIG)], run=False)
+    command_line = sys.argv[1:] if args is None else list(args)
+    if command_line[:1] == ["recipes"]:
+        print(describe_recipes())
+        return None
+    if command_line[:1] == ["export"]:
+        export_main(command_line[1:])
+        return None
+    subcommand = bool(command_line) and not command_line[0].startswith("-")
+    default_job = not subcommand and not {"-h", "--help"} & set(command_line)
+    if default_job:
+        command_line = ["--config", DEFAULT_RECIPE, *command_line]
+    cli = DGMCLI(args=command_line, run=not default_job)
+    if default_job:
+        declare_best_summaries(cli.trainer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
         announce_offline_wandb(cli.trainer)
@@ -249,3 +418,8 @@ def main(args: list[str] | None = None) -> DGMCLI:
 
         wandb.finish()
     return cli
+
+
+def console() -> None:
+    """The ``dgm-lightning`` command: ``main`` on the command line (its exit status is 0 unless it raises)."""
+    main()

@@ -65,6 +65,8 @@ class Flow(GenerativeModel):
         dequantization, Theis et al. 2015, arXiv:1511.01844.
     """
 
+    progress_bar_terms = ("nll",)  # the loss, under the name the flow literature reads
+
     def __init__(
         self,
         architecture: FlowArchitecture = "glow",
@@ -156,8 +158,17 @@ class Flow(GenerativeModel):
         return Independent(Normal(self.base_loc[labels], self.base_log_scale[labels].exp(), validate_args=False), 1)
 
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
-        """Exact log-density of (continuous, already dequantized) x in value_range units, nats, shape (B,)."""
-        labels = self.check_labels(labels, x.shape[0])
+        """Exact log-density of (continuous, already dequantized) x in value_range units, nats, shape (B,).
+
+        x is checked as training batches are; dequantized data reach one quantization step above value_range.
+        """
+        low, high = self.value_range
+        dequantized = None if self.bin_width is None else (low, high + self.bin_width)
+        labels = self.check_input(x, labels, "log_prob", value_range=dequantized)
+        return self._log_prob(x, labels)
+
+    def _log_prob(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """``log_prob`` without the input checks: for batches that ``unpack_batch`` has checked."""
         preprocess = self.preprocess
         y = preprocess(x)
         logdet_pre = _per_example_sum(preprocess.log_abs_det_jacobian(x, y))
@@ -171,7 +182,7 @@ class Flow(GenerativeModel):
 
     def likelihood_terms(self, x: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
         """``loss`` (= ``nll``) and ``bpd`` of a batch of data x, dequantized first."""
-        nll = -self.log_prob(self.dequantize(x), labels=labels).mean()
+        nll = -self._log_prob(self.dequantize(x), labels).mean()
         discrete = nll if self.bin_width is None else nll - self.num_dims * math.log(self.bin_width)
         return {"loss": nll, "nll": nll, "bpd": objectives.bits_per_dim(discrete, self.num_dims)}
 
@@ -183,14 +194,22 @@ class Flow(GenerativeModel):
 
         Quantized data come back on the grid of ``quantization_levels`` values (dequantization undone).
         """
-        check_positive(n=n)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        labels = self.default_labels(n) if labels is None else self.check_labels(labels, n)
-        base = self.base_distribution(labels)
-        loc, scale = base.base_dist.loc, base.base_dist.scale
-        z = loc + temperature * scale * torch.randn(n, self.num_dims, device=self.device)
-        x = self.preprocess.inv(self.flow.inverse(z.view(n, *self.data_shape)))
+        labels = self.default_labels(n) if labels is None else labels
+        return self.from_noise(self.draw_noise(n, temperature), labels=labels)
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the standard normal noise of one sample (``from_noise``): (D,), the flattened data size."""
+        return (self.num_dims,)
+
+    def from_noise(self, noise: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Examples (B, *data_shape) in value_range from standard normal noise (B, D): the base's reparameterisation,
+        then the flow's inverse. ``sample`` scales the noise by its temperature; an exported sampler
+        (``dgm_lightning.export``) is this map."""
+        labels = self.check_noise(noise, labels)
+        base = self.base_distribution(labels).base_dist
+        z = base.loc + base.scale * noise
+        x = self.preprocess.inv(self.flow.inverse(z.view(noise.shape[0], *self.data_shape)))
         low, high = self.value_range
         if self.bin_width is not None:
             x = low + torch.floor((x - low) / self.bin_width) * self.bin_width

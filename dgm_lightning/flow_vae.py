@@ -10,6 +10,7 @@ from torch.distributions import Normal
 
 from dgm_lightning import objectives
 from dgm_lightning.autoencoder import Architecture, Likelihood
+from dgm_lightning.base import check_positive_int
 from dgm_lightning.nets.flow_layers import planar_flow
 from dgm_lightning.vae import VAE
 
@@ -90,7 +91,7 @@ class FlowVAE(VAE):
             logdet = logdet + ld
         return z, logdet
 
-    def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
+    def _encode(self, x: Tensor, labels: Tensor | None) -> Tensor:
         """Images (B, C, H, W) -> the posterior mean of z_0 pushed through the flows (B, latent_dim)."""
         q0, params = self.posterior_and_flows(x, labels=labels)
         return self.apply_flows(q0.mean, params)[0]
@@ -111,13 +112,12 @@ class FlowVAE(VAE):
         log_px, log_pz, log_q = (t[0] for t in self.log_weights(x, labels, 1))
         # Monte Carlo KL, one sample per example: the flow posterior's KL has no closed form
         terms = objectives.elbo_terms(log_px, log_q - log_pz, beta=self.beta)
-        return terms, self.encode(x, labels=labels).detach()
+        return terms, self._encode(x, labels).detach()
 
     @torch.no_grad()
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None, num_samples: int = 100) -> Tensor:
         """IWAE estimate of log p(x) (or log p(x | labels)) in nats, shape (B,), sampling the flow posterior."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        labels = self.check_labels(labels, x.shape[0])
+        check_positive_int(num_samples=num_samples)
+        labels = self.check_input(x, labels, "log_prob")
         log_px, log_pz, log_q = self.log_weights(x, labels, num_samples)
         return objectives.iwae_bound(log_px + log_pz - log_q)

@@ -10,11 +10,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dgm_lightning import objectives
-from dgm_lightning.base import GenerativeModel, check_positive
-from dgm_lightning.nets.gan_nets import ARCHITECTURES, apply_spectral_norm, build_discriminator, build_generator
+from dgm_lightning.base import (
+    GenerativeModel,
+    check_non_negative,
+    check_positive,
+)
+from dgm_lightning.nets.gan_nets import (
+    ARCHITECTURES,
+    WarmupEMA,
+    apply_spectral_norm,
+    build_discriminator,
+    build_generator,
+)
 
 GANLoss = Literal["non_saturating", "minimax", "least_squares", "wasserstein", "hinge"]
 
@@ -32,8 +41,12 @@ class GAN(GenerativeModel):
     the batch (both optimizers); a generator step whose loss is not finite is skipped. ``max_nonfinite_steps``
     batches in a row with a skipped step stop training. ``gp_weight``,
     ``r1_gamma``, ``instance_noise`` and ``label_smoothing`` are plain floats that ``ParameterSchedule`` can
-    anneal. With ``ema_decay`` set, ``sample`` and validation use an exponential moving average of the generator
-    weights (and batch-norm statistics), saved in checkpoints.
+    anneal. With ``ema_decay`` set, ``sample``, validation, test and predict use an exponential moving average of
+    the generator weights (and batch-norm statistics), updated after each generator step and saved in checkpoints.
+    Its decay warms up: after n updates the next one uses min(``ema_decay``, (1 + n) / (10 + n)) (TensorFlow's
+    ``ExponentialMovingAverage`` rule), so that a short run does not sample from an average still dominated by
+    the initial weights (with a fixed 0.999, for thousands of steps); ``sample(use_ema=False)`` draws from the
+    raw generator.
 
     Args:
         latent_dim: size of the latent noise z ~ N(0, I).
@@ -61,8 +74,8 @@ class GAN(GenerativeModel):
         gradient_clip_val: clip each network's gradients at this value (None: no clipping). The Trainer's own
             ``gradient_clip_val`` does not work with manual optimization; use this one.
         gradient_clip_algorithm: ``norm`` or ``value``.
-        ema_decay: decay of the generator's weight average used for sampling (None: no average, sample the raw
-            generator).
+        ema_decay: decay of the generator's weight average used for sampling, reached after a warm-up (see
+            above; after 8,990 generator steps for 0.999). None: no average, sample the raw generator.
         noise_seed: seed of the training noise streams; None takes ``torch.initial_seed()`` (set by
             ``seed_everything``).
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
@@ -77,6 +90,7 @@ class GAN(GenerativeModel):
         arXiv:1610.04490; EMA of generator weights, Yazıcı et al. 2018, arXiv:1806.04498.
     """
 
+    progress_bar_terms = ("d_loss", "g_loss")
     # shown by the command line when --optimizer is given for this model
     optimizer_flags = (
         "--model.lr_g, --model.lr_d, --model.betas_g, --model.betas_d, --model.optimizer_g, --model.optimizer_d, "
@@ -134,9 +148,7 @@ class GAN(GenerativeModel):
         objectives.check_choice("architecture", architecture, ARCHITECTURES)
         objectives.check_choice("gradient_clip_algorithm", gradient_clip_algorithm, ("norm", "value"))
         check_positive(lr_g=lr_g, lr_d=lr_d, gradient_clip_val=gradient_clip_val)
-        for name, value in dict(gp_weight=gp_weight, r1_gamma=r1_gamma, instance_noise=instance_noise).items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        check_non_negative(gp_weight=gp_weight, r1_gamma=r1_gamma, instance_noise=instance_noise)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if label_smoothing and loss in ("wasserstein", "hinge"):
@@ -178,10 +190,10 @@ class GAN(GenerativeModel):
         if spectral_norm:
             apply_spectral_norm(discriminator)
         self.generator, self.discriminator = generator, discriminator
-        self.ema: AveragedModel | None = None
+        self.ema: WarmupEMA | None = None
         if ema_decay is not None:
-            # use_buffers: batch-norm statistics are averaged too, so the average is a consistent network
-            self.ema = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            # batch-norm statistics are averaged too, so the average is a consistent network
+            self.ema = WarmupEMA(generator, ema_decay)
             self.ema.requires_grad_(False)  # never trained: keeps it out of optimizers and DDP's gradient buckets
 
         self.noise_seed = torch.initial_seed() if noise_seed is None else int(noise_seed)
@@ -285,24 +297,51 @@ class GAN(GenerativeModel):
 
     # -- the protocol callbacks use -----------------------------------------------------------------
 
+    # latents whose activations give the weight average its batch-norm statistics: 8 batches of 128, drawn afresh
+    # from the noise seed each time, so the statistics depend on the averaged weights alone (on every rank, resumed
+    # or not)
+    statistics_batches, statistics_batch_size = 8, 128
+
+    def sampling_net(self, *, use_ema: bool = True) -> nn.Module:
+        """The generator that ``sample`` and evaluation use: the weight average when there is one (and ``use_ema``),
+        its batch-norm statistics recomputed first if its weights moved since (``WarmupEMA.recompute_batch_norm``);
+        otherwise the trained generator."""
+        if self.ema is None or not use_ema:
+            return self.generator
+        if self.ema.statistics_stale:
+            self.ema.recompute_batch_norm(self.statistics_inputs())
+        return self.ema.module
+
+    def statistics_inputs(self) -> list[Tensor]:
+        """The generator inputs (latents, conditioned on the classes in turn) that the average's batch-norm
+        statistics are computed on: ``statistics_batches`` batches of ``statistics_batch_size``."""
+        noise = torch.Generator(device=self.device).manual_seed(self.noise_seed)
+        n = self.statistics_batch_size
+        labels = self.default_labels(n)
+        return [self.condition_vectors(self.latent(n, noise), labels) for _ in range(self.statistics_batches)]
+
     @property
-    def sampling_generator(self) -> nn.Module:
-        """The generator used by ``sample`` and evaluation: the weight average when there is one."""
-        return self.generator if self.ema is None else self.ema.module
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the standard normal noise of one sample (``from_noise``): (latent_dim,)."""
+        return (self.latent_dim,)
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None = None, temperature: float = 1.0, use_ema: bool = True) -> Tensor:
         """Draw n examples (n, *data_shape) in eval mode; ``temperature`` scales z; ``use_ema=False`` samples the
         raw generator."""
-        check_positive(n=n)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        labels = self.default_labels(n) if labels is None else self.check_labels(labels, n)
-        net = self.sampling_generator if use_ema else self.generator
+        labels = self.default_labels(n) if labels is None else labels
+        return self.from_noise(self.draw_noise(n, temperature), labels=labels, use_ema=use_ema)
+
+    def from_noise(self, noise: Tensor, *, labels: Tensor | None = None, use_ema: bool = True) -> Tensor:
+        """Examples (B, *data_shape) from standard normal noise (B, latent_dim), which is z: the output of the
+        sampling generator (``sampling_net``) in eval mode. ``sample`` scales the noise by its temperature; an
+        exported sampler (``dgm_lightning.export``) is this map."""
+        labels = self.check_noise(noise, labels)
+        net = self.sampling_net(use_ema=use_ema)
         was_training = net.training
         net.eval()  # batch norm: running statistics, not those of this sample
         try:
-            return self.generate(temperature * self.latent(n), labels, net=net)
+            return self.generate(noise, labels, net=net)
         finally:
             net.train(was_training)
 
@@ -360,17 +399,20 @@ class GAN(GenerativeModel):
         # the divergence policy counts bad batches in a row: a finite D step inside a batch whose G step then
         # diverges must not restart the count, or a diverging generator would be skipped forever
         bad_batches = self.nonfinite_steps
+        before = self._buffers_snapshot()
         for _ in range(self.n_critic):
             self.toggle_optimizer(opt_d)
             loss, d_terms = self.discriminator_terms(x, labels, noise)
             if self.skip_nonfinite(d_terms):
                 self.untoggle_optimizer(opt_d)
+                self._restore_buffers(before)
                 return None  # neither network steps on this batch
             self.nonfinite_steps = bad_batches
             self._optimizer_step(opt_d, loss)
             self.untoggle_optimizer(opt_d)
             self.d_steps += 1
 
+        before = self._buffers_snapshot()
         self.toggle_optimizer(opt_g)
         g_terms = self.generator_terms(x.shape[0], labels, noise)
         skip = self.skip_nonfinite(g_terms)
@@ -378,6 +420,7 @@ class GAN(GenerativeModel):
             self._optimizer_step(opt_g, g_terms["g_loss"])
         self.untoggle_optimizer(opt_g)
         if skip:
+            self._restore_buffers(before)
             return None
         if self.ema is not None:
             self.ema.update_parameters(self.generator)
@@ -385,12 +428,24 @@ class GAN(GenerativeModel):
         self.log_terms(terms, "train", batch_size=x.shape[0])
         return terms
 
+    def _buffers_snapshot(self) -> list[Tensor]:
+        """Copies of the two networks' buffers. A skipped step must leave no trace, but its forward passes in
+        training mode have moved batch norm's running statistics (NaN from a NaN batch, which would make every
+        later evaluation NaN) and spectral norm's power iteration before the loss shows that it is not finite."""
+        return [b.clone() for net in (self.generator, self.discriminator) for b in net.buffers()]
+
+    def _restore_buffers(self, snapshot: list[Tensor]) -> None:
+        buffers = [b for net in (self.generator, self.discriminator) for b in net.buffers()]
+        for buffer, saved in zip(buffers, snapshot, strict=True):
+            buffer.copy_(saved)
+
     def _evaluate(self, batch: Tensor | Sequence[Tensor], batch_idx: int, stage: str) -> None:
         """Both losses on held-out real data against the sampling generator, with noise fixed per batch index."""
         x, labels = self.unpack_batch(batch)
         noise = torch.Generator(device=self.device).manual_seed(batch_idx)
-        _, terms = self.discriminator_terms(x, labels, noise, net=self.sampling_generator)
-        fake = self.generate(self.latent(x.shape[0], noise), labels, net=self.sampling_generator)
+        net = self.sampling_net()
+        _, terms = self.discriminator_terms(x, labels, noise, net=net)
+        fake = self.generate(self.latent(x.shape[0], noise), labels, net=net)
         terms["g_loss"] = objectives.generator_loss(self.loss, self.critic(fake, labels))
         self.log_terms(terms, stage, batch_size=x.shape[0])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -12,7 +13,13 @@ from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import CatMetric, MeanMetric
 
 from dgm_lightning import objectives
-from dgm_lightning.base import GenerativeModel, check_positive
+from dgm_lightning.base import (
+    GenerativeModel,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_temperature,
+)
 from dgm_lightning.nets.sequence_nets import Cell, SequenceDecoder, SequenceEncoder
 from dgm_lightning.vocabulary import BOS, EOS, LEVELS, PAD, UNK, Level, Vocabulary
 
@@ -110,8 +117,7 @@ class RecurrentVAE(GenerativeModel):
         check_positive(gaussian_scale=gaussian_scale, lr=lr)
         if not 0 <= word_dropout < 1:
             raise ValueError(f"word_dropout must be in [0, 1), got {word_dropout}")
-        if beta < 0 or free_bits < 0:
-            raise ValueError(f"beta and free_bits must be >= 0, got {beta} and {free_bits}")
+        check_non_negative(beta=beta, free_bits=free_bits)
         tokens = likelihood == "categorical"
         if tokens and input_dim is not None:
             raise ValueError("input_dim is for continuous sequences; the categorical likelihood takes a vocab")
@@ -258,8 +264,25 @@ class RecurrentVAE(GenerativeModel):
 
     # -- inputs ----------------------------------------------------------------------------------
 
-    def check_sequences(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Validate a padded batch and its lengths; default lengths: non-padding tokens, or all steps."""
+    @property
+    def data_range(self) -> tuple[float, float]:
+        # only the Bernoulli bounds continuous values; the Gaussians model any real values
+        return self.value_range if self.likelihood == "bernoulli" else (-math.inf, math.inf)
+
+    def value_range_advice(self) -> str:
+        return (
+            "the bernoulli likelihood models values in (0, 1): map the data into (0, 1), or use a gaussian "
+            'likelihood (likelihood="gaussian" in Python, --model.likelihood gaussian on the command line)'
+        )
+
+    def check_sequences(
+        self, x: Tensor, lengths: Tensor | None = None, method: str | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Validate a padded batch and its lengths; default lengths: non-padding tokens, or all steps.
+
+        Continuous values are checked (NaN or Inf, and the Bernoulli's range on the real steps) as a training
+        batch's are (``check_batch``), or, for the input of a public ``method``, always (``check_values``).
+        """
         self._require_nets()
         name = type(self).__name__
         if self.is_tokens:
@@ -278,8 +301,14 @@ class RecurrentVAE(GenerativeModel):
                 lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
         if lengths.shape != (x.shape[0],) or lengths.numel() and (lengths.min() < 1 or lengths.max() > x.shape[1]):
             raise ValueError(f"lengths must be one value in [1, {x.shape[1]}] per sequence, got {lengths.tolist()}")
-        self.check_evaluation_data(x)
-        return x, lengths.to(x.device)
+        lengths = lengths.to(x.device)
+        if not self.is_tokens:  # token ids are checked above
+            real_steps = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[..., None]  # (B, T, 1)
+            if method is None:
+                self.check_batch(x, mask=real_steps)
+            else:
+                self.check_values(x, what=f"the input of {method}", mask=real_steps)
+        return x, lengths
 
     def unpack_batch(self, batch: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """A batch ``(x, lengths)`` (or x alone) -> validated x and lengths."""
@@ -325,7 +354,7 @@ class RecurrentVAE(GenerativeModel):
 
     def encode(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Sequences -> posterior means (B, latent_dim)."""
-        x, lengths = self.check_sequences(x, lengths)
+        x, lengths = self.check_sequences(x, lengths, "encode")
         return self.posterior(x, lengths).mean
 
     def _teacher_forcing(self, x: Tensor, lengths: Tensor, word_dropout: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -380,9 +409,8 @@ class RecurrentVAE(GenerativeModel):
     @torch.no_grad()
     def log_prob(self, x: Tensor, lengths: Tensor | None = None, *, num_samples: int = 50) -> Tensor:
         """Importance-weighted estimate of log p(x) per sequence in nats (B,); decodes B * num_samples at once."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        x, lengths = self.check_sequences(x, lengths)
+        check_positive_int(num_samples=num_samples)
+        x, lengths = self.check_sequences(x, lengths, "log_prob")
         q = self.posterior(x, lengths)
         z = q.sample((num_samples,))  # (K, B, D)
         log_w = self.prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
@@ -402,11 +430,11 @@ class RecurrentVAE(GenerativeModel):
         noise scaled by the temperature).
         """
         self._require_nets()
+        self.check_codes(z, "decode")
         max_len = (self.max_len or DEFAULT_MAX_LEN) if max_len is None else max_len
         if not isinstance(max_len, int) or max_len <= 0:
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        check_temperature(temperature)
         n = z.shape[0]
         state = None
         if self.is_tokens:
@@ -425,7 +453,9 @@ class RecurrentVAE(GenerativeModel):
                     token = Categorical(logits=logits / temperature).sample()
                 out[:, t] = torch.where(done, PAD, token)
                 done |= token == EOS
-                if done.all():
+                # every row has ended: stop early, except while torch.export traces (it has no values to test;
+                # the exported generation returns max_len + 1 steps, padded after each <eos>)
+                if not torch.compiler.is_exporting() and done.all():
                     return out[:, : t + 1]
                 inputs = token[:, None]
             return out
@@ -449,11 +479,22 @@ class RecurrentVAE(GenerativeModel):
         self, n: int, *, labels: Tensor | None = None, temperature: float = 1.0, max_len: int | None = None
     ) -> Tensor:
         """n sequences decoded from z ~ N(0, I); ``temperature`` as in ``decode`` (0: greedy)."""
-        check_positive(n=n)
+        check_positive_int(n=n)
         self.check_labels(labels, n)  # an unconditional model: refuses labels
         return self.decode(
             torch.randn(n, self.latent_dim, device=self.device), max_len=max_len, temperature=temperature
         )
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the standard normal noise of one sample (``from_noise``): (latent_dim,)."""
+        return (self.latent_dim,)
+
+    def from_noise(self, noise: Tensor) -> Tensor:
+        """Sequences from standard normal noise (B, latent_dim), which is z under the N(0, I) prior, decoded greedily
+        (``decode`` at temperature 0, to the model's ``max_len``): an exported sampler (``dgm_lightning.export``)
+        is this map."""
+        return self.decode(noise, temperature=0.0)
 
     def sample_text(self, n: int, *, temperature: float = 1.0, max_len: int | None = None) -> list[str]:
         """n sampled lines of text."""
@@ -462,7 +503,7 @@ class RecurrentVAE(GenerativeModel):
     @torch.no_grad()
     def reconstruct(self, x: Tensor, lengths: Tensor | None = None, *, temperature: float = 0.0) -> Tensor:
         """Decode the posterior means of x (continuous sequences keep their length T)."""
-        x, lengths = self.check_sequences(x, lengths)
+        x, lengths = self.check_sequences(x, lengths, "reconstruct")
         max_len = None if self.is_tokens else x.shape[1]
         return self.decode(self.posterior(x, lengths).mean, max_len=max_len, temperature=temperature)
 
@@ -475,7 +516,7 @@ class RecurrentVAE(GenerativeModel):
 
         Returns one decoded batch per point, from start (first) to end (last).
         """
-        check_positive(steps=steps)
+        check_positive_int(steps=steps)
         z0, z1 = self.encode(start, start_lengths), self.encode(end, end_lengths)
         if z0.shape != z1.shape:
             raise ValueError(f"start and end must hold as many sequences, got {z0.shape[0]} and {z1.shape[0]}")

@@ -11,6 +11,7 @@ from torch.distributions import Normal
 
 from dgm_lightning import objectives
 from dgm_lightning.autoencoder import Architecture, LatentVariableModel, Likelihood
+from dgm_lightning.base import check_non_negative, check_positive_int
 
 
 class VAE(LatentVariableModel):
@@ -59,12 +60,8 @@ class VAE(LatentVariableModel):
             hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
             num_classes=num_classes, lr=lr, compile=compile, encoder=encoder, decoder=decoder,
         )  # fmt: skip
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        if free_bits < 0:
-            raise ValueError(f"free_bits must be >= 0 nats per dimension, got {free_bits}")
-        if iwae_samples < 1:
-            raise ValueError(f"iwae_samples must be >= 1, got {iwae_samples}")
+        check_non_negative(beta=beta, free_bits=free_bits)
+        check_positive_int(iwae_samples=iwae_samples)
         self.beta = float(beta)
         self.free_bits = float(free_bits)
         self.iwae_samples = iwae_samples
@@ -85,13 +82,13 @@ class VAE(LatentVariableModel):
         # validate_args=False: non-finite values are the divergence policy's to report, not a crash here
         return Normal(loc, (0.5 * log_var).exp(), validate_args=False)
 
-    def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
+    def _encode(self, x: Tensor, labels: Tensor | None) -> Tensor:
         """Images (B, C, H, W) -> posterior means (B, latent_dim)."""
         return self.posterior(x, labels=labels).mean
 
-    def sample_latent(self, n: int, temperature: float) -> Tensor:
-        """z from the prior, its scale multiplied by temperature."""
-        return self.prior_loc + temperature * self.prior_scale * torch.randn(n, self.latent_dim, device=self.device)
+    def latent_from_noise(self, noise: Tensor) -> Tensor:
+        """z from the prior N(prior_loc, prior_scale^2): prior_loc + prior_scale * noise."""
+        return self.prior_loc + self.prior_scale * noise
 
     def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
         q = self.posterior(x, labels=labels)
@@ -108,9 +105,8 @@ class VAE(LatentVariableModel):
 
         Decodes B * num_samples latents at once; lower ``num_samples`` or the batch size if memory is short.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        labels = self.check_labels(labels, x.shape[0])
+        check_positive_int(num_samples=num_samples)
+        labels = self.check_input(x, labels, "log_prob")
         q = self.posterior(x, labels=labels)
         z = q.sample((num_samples,))  # (K, B, D)
         log_q = q.log_prob(z).sum(-1)

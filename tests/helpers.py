@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import lightning as L
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Appended to a script that a test runs in a subprocess: which files the project's packages came from.
+PRINT_IMPORTS = """
+import sys as _sys
+
+for _name in ("dgm_lightning", "datamodules", "callbacks"):
+    if _name in _sys.modules:
+        print(f"imported {_name} from {_sys.modules[_name].__file__}", flush=True)
+"""
+
+
+def tree_under_test_env(**variables: str) -> dict[str, str]:
+    """os.environ (plus variables) with the tree under test first on PYTHONPATH: a subprocess must import the
+    packages of this checkout (or of a copy of it under test), not whichever dgm_lightning is installed."""
+    paths = [str(REPO), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
+    return {**os.environ, **variables, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def assert_imported_the_tree_under_test(output: str, packages=("dgm_lightning",)) -> None:
+    """The PRINT_IMPORTS lines in a subprocess's output name files of this tree for each of the packages."""
+    found = re.findall(r"^imported (\w+) from (.+)$", output, re.M)
+    assert {name for name, _ in found} >= set(packages), f"no import report for {packages} in: {output[-2000:]}"
+    elsewhere = [(name, path) for name, path in found if not Path(path).resolve().is_relative_to(REPO)]
+    assert not elsewhere, f"the subprocess imported {elsewhere}, not the tree under test at {REPO}"
 
 
 def images(n: int = 16, shape=(1, 8, 8), seed: int = 0) -> torch.Tensor:

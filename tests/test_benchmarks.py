@@ -10,12 +10,29 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import PRINT_IMPORTS, assert_imported_the_tree_under_test, tree_under_test_env
+
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def run_script(script: str, *args: str, timeout: float) -> None:
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, check=True, timeout=timeout)
+# runs a script as `python script args` would, then reports where the project's packages came from
+WITH_IMPORT_REPORT = f"""
+import atexit, runpy, sys
+atexit.register(exec, {PRINT_IMPORTS!r}, {{}})
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float) -> None:
+    """A benchmark script with the tree under test on the path, in cwd (what it writes goes there)."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITH_IMPORT_REPORT, str(ROOT / "benchmarks" / script), *args],
+        cwd=cwd, env=tree_under_test_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert_imported_the_tree_under_test(result.stdout, packages=("dgm_lightning", "datamodules"))
 
 
 def positive(value) -> bool:
@@ -33,17 +50,18 @@ def test_overhead_script_writes_its_table(tmp_path):
     out = tmp_path / "overhead.json"
     run_script(
         "overhead.py", "--families", "AE", "--epochs", "2", "--repeats", "1", "--threads", "1", "--json", str(out),
-        timeout=120,
+        cwd=tmp_path, timeout=120,
     )  # fmt: skip
     results = json.loads(out.read_text())
     check_overhead(results["overhead"], ["AE"])
     assert results["machine"]["torch"] and results["machine"]["cpu_count"] >= 1
+    assert list((tmp_path / "runs" / "benchmarks").glob("speed/*/metrics.csv"))  # its logs: here, not in the repo
 
 
 @pytest.mark.slow
 def test_quick_mode_prints_and_writes_every_table(tmp_path):
     out = tmp_path / "quick.json"
-    run_script("run.py", "--quick", "--json", str(out), timeout=20 * 60)
+    run_script("run.py", "--quick", "--json", str(out), cwd=tmp_path, timeout=20 * 60)
     results = json.loads(out.read_text())
     assert results["mode"] == "quick"
     for table in results["overhead"].values():

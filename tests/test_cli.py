@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from datamodules import DigitsDataModule
 from dgm_lightning import VAE
-from dgm_lightning.cli import DEFAULT_CONFIG, main
+from dgm_lightning.cli import DEFAULT_RECIPE, main
 from tests.helpers import read_image, wandb_history_keys, wandb_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,9 +82,24 @@ def test_default_job_logs_offline_to_wandb_and_says_how_to_sync(default_job):
     assert {"config", "latent_dim", "likelihood", "batch_size"} <= config_keys
 
 
+def test_default_job_wandb_summary_holds_the_best_val_elbo(default_job):
+    """The checkpoint keeps the best val/elbo; so does the run summary that W&B's runs table shows."""
+    workdir, _, _ = default_job
+    (wandb_run,) = (workdir / "runs" / "wandb").glob("offline-run-*")
+    records = wandb_records(wandb_run)
+
+    history = [item for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item]
+    summary = [item for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.update]
+
+    def elbo(items) -> list:
+        return [json.loads(i.value_json) for i in items if (i.key or "/".join(i.nested_key)) == "val/elbo"]
+
+    assert len(elbo(history)) == 60 and elbo(summary)[-1] == {"max": max(elbo(history))}
+
+
 def test_predict_from_the_checkpoint_writes_samples(default_job):
     _, run, _ = default_job
-    main(["predict", "--config", str(DEFAULT_CONFIG), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *QUIET])
+    main(["predict", "--config", DEFAULT_RECIPE, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *QUIET])
     (folder,) = Path("runs/predictions").iterdir()
     samples, inputs = torch.load(folder / "samples.pt"), torch.load(folder / "inputs.pt")
     assert samples.shape == inputs.shape == (359, 1, 8, 8)
@@ -105,7 +121,7 @@ def test_model_and_data_by_class_name_with_another_logger_and_two_runs_in_one_fo
 
 
 def test_wandb_name_and_tags_come_from_flags():
-    cli = main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "1", "--trainer.logger.name", "my-run",
+    cli = main(["fit", "--config", DEFAULT_RECIPE, "--trainer.max_epochs", "1", "--trainer.logger.name", "my-run",
                 "--trainer.logger.tags", "[vae, test]", *QUIET])  # fmt: skip
     cli.trainer.logger.experiment.finish()
     (wandb_run,) = Path("runs/wandb").glob("offline-run-*")
@@ -115,7 +131,7 @@ def test_wandb_name_and_tags_come_from_flags():
 
 def test_print_config_shows_the_resolved_recipe(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(DEFAULT_CONFIG), "--model.latent_dim", "32", "--print_config"])
+        main(["fit", "--config", DEFAULT_RECIPE, "--model.latent_dim", "32", "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "class_path: dgm_lightning.VAE" in out and "latent_dim: 32" in out
@@ -132,7 +148,7 @@ def test_print_config_shows_the_resolved_recipe(capsys):
 )
 def test_unknown_or_mistyped_flags_exit_with_jsonargparse_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(DEFAULT_CONFIG), *flags])
+        main(["fit", "--config", DEFAULT_RECIPE, *flags])
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
 
@@ -147,12 +163,12 @@ def test_unknown_or_mistyped_flags_exit_with_jsonargparse_message(flags, message
 )
 def test_bad_values_fail_with_a_clear_message(flags, message):
     with pytest.raises(ValueError, match=message):
-        main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.logger", "false", *flags])
+        main(["fit", "--config", DEFAULT_RECIPE, "--trainer.logger", "false", *flags])
 
 
 def test_wandb_log_model_offline_is_refused_before_anything_is_written(monkeypatch):
     """Checkpoints cannot be uploaded offline: explicitly offline, or offline for want of credentials."""
-    flags = ["fit", "--config", str(DEFAULT_CONFIG), "--trainer.logger.log_model", "true"]
+    flags = ["fit", "--config", DEFAULT_RECIPE, "--trainer.logger.log_model", "true"]
     with pytest.raises(ValueError, match="log_model uploads checkpoints, which needs a connection"):
         main([*flags, "--trainer.logger.offline", "true"])
     monkeypatch.delenv("WANDB_MODE")
@@ -160,3 +176,22 @@ def test_wandb_log_model_offline_is_refused_before_anything_is_written(monkeypat
     with pytest.raises(ValueError, match="or set WANDB_MODE=offline"):
         main(flags)
     assert not Path("runs").exists()
+
+
+def test_a_batch_limit_of_1_is_one_batch_and_a_fraction_stays_a_fraction(tmp_path):
+    """LightningCLI reads --trainer.limit_val_batches 1 as 1.0 (every batch) through Lightning's float-first type;
+    a user means one batch, as Trainer(limit_val_batches=1) does in Python."""
+    from dgm_lightning.cli import DGMCLI
+
+    cli = DGMCLI(
+        args=["--config", DEFAULT_RECIPE, "--trainer.limit_val_batches", "1", "--trainer.limit_train_batches", "0.5",
+              "--trainer.limit_test_batches", "2", "--trainer.logger", "false", "--trainer.default_root_dir",
+              str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    trainer = cli.trainer
+    assert trainer.limit_val_batches == 1 and isinstance(trainer.limit_val_batches, int)
+    assert trainer.limit_test_batches == 2 and isinstance(trainer.limit_test_batches, int)
+    assert trainer.limit_train_batches == 0.5
+    trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert trainer.num_val_batches == [1]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
-from datamodules import DataSpec, DigitsDataModule, InMemoryImageDataModule
-from tests.helpers import images
+from datamodules import DataSpec, DigitsDataModule, InMemoryImageDataModule, MNISTDataModule
+from dgm_lightning import VAE
+from tests.helpers import images, trainer, write_idx_files
 
 N_DIGITS = 1797
 
@@ -225,3 +227,57 @@ def test_on_device_moves_every_split_to_the_trainers_device():
     assert all(t.device.type == "meta" for split in dm.splits.values() for t in split.tensors)
     with pytest.raises(ValueError, match="num_workers 0"):
         DigitsDataModule(on_device=True, num_workers=2)
+
+
+# -- binarization of the evaluation splits --------------------------------------------------------
+
+
+class ValidationBatches(Callback):
+    """Records the images of every validation batch the model receives, per epoch (sanity check left out)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[torch.Tensor]] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.epochs.append([])
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.epochs[-1].append(batch[0].clone())
+
+
+def image_data(kind: str, folder, *, binarize: bool = True, split_seed: int = 0) -> InMemoryImageDataModule:
+    """The digits, or MNIST from the files in folder; set up."""
+    if kind == "digits":
+        dm = DigitsDataModule(binarize=binarize, batch_size=128, split_seed=split_seed)
+    else:
+        dm = MNISTDataModule(str(folder), binarize=binarize, batch_size=128, val_fraction=0.25, split_seed=split_seed)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("kind", ["digits", "mnist"])
+def test_binarized_evaluation_splits_are_drawn_once_with_the_split_seed(kind, tmp_path):
+    write_idx_files(tmp_path, n_train=64, n_test=32)
+    dm = image_data(kind, tmp_path)
+    recorder = ValidationBatches()
+    model = VAE(latent_dim=2, img_shape=dm.img_shape, hidden_dims=[8])
+    trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=2, callbacks=[recorder]).fit(model, datamodule=dm)
+    # what the model is validated on: binary, and the same images in every epoch
+    first, second = (torch.cat(batches) for batches in recorder.epochs)
+    assert set(first.unique().tolist()) == {0.0, 1.0} and torch.equal(first, second)
+    torch.manual_seed(1234)  # another global seed
+    again, grey = image_data(kind, tmp_path), image_data(kind, tmp_path, binarize=False)
+    for split in ("val", "test"):
+        images = dm.splits[split].tensors[0]
+        assert set(images.unique().tolist()) == {0.0, 1.0}, split
+        # another instance draws the same binary images
+        assert torch.equal(images, again.splits[split].tensors[0]), split
+        # Bernoulli draws of the grey levels: on average as bright as the grey images, pixel by pixel correlated
+        levels = grey.splits[split].tensors[0]
+        assert abs(images.mean() - levels.mean()) < 0.05, split
+        assert torch.corrcoef(torch.stack([images.flatten(), levels.flatten()]))[0, 1] > 0.4, split
+    # the seed is the split's: another split_seed gives other draws (for MNIST, of the same official test images)
+    other = image_data(kind, tmp_path, split_seed=1)
+    assert not torch.equal(other.splits["test"].tensors[0], dm.splits["test"].tensors[0])

@@ -6,14 +6,14 @@ script that fits every recipe in turn), never with strategy="ddp" inside the pyt
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.test_families import CONFIGS, RECIPES, REPO
+from tests.helpers import PRINT_IMPORTS, assert_imported_the_tree_under_test, tree_under_test_env
+from tests.test_families import CONFIGS, RECIPES
 
 SCRIPT = """
 import sys
@@ -43,13 +43,14 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
-    (folder / "ddp_families.py").write_text(SCRIPT.format(recipes=RECIPES, configs=CONFIGS))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    (folder / "ddp_families.py").write_text(SCRIPT.format(recipes=RECIPES, configs=CONFIGS) + PRINT_IMPORTS)
+    env = tree_under_test_env(OMP_NUM_THREADS="1", WANDB_MODE="offline")
     env.pop("WANDB_DIR", None)  # W&B writes beside each run, under its logger's save_dir
     result = subprocess.run(
         [sys.executable, "ddp_families.py"], cwd=folder, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-5000:]
+    assert_imported_the_tree_under_test(result.stdout, packages=("dgm_lightning", "datamodules", "callbacks"))
     return folder
 
 
@@ -69,12 +70,13 @@ for family in sys.argv[1:]:
 
 
 def test_every_familys_checkpoint_loads_in_a_fresh_process_with_weights_only(ddp_runs):
-    (ddp_runs / "load.py").write_text(LOAD_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    (ddp_runs / "load.py").write_text(LOAD_SCRIPT + PRINT_IMPORTS)
     result = subprocess.run(
-        [sys.executable, "load.py", *RECIPES], cwd=ddp_runs, env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "load.py", *RECIPES], cwd=ddp_runs, env=tree_under_test_env(), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_imported_the_tree_under_test(result.stdout)
     for family in RECIPES:
         trained = torch.load(ddp_runs / f"{family}_rank0.pt", weights_only=False)["params"]
         assert torch.equal(torch.load(ddp_runs / f"{family}_loaded.pt"), trained), family

@@ -5,6 +5,7 @@ Each recipe is shrunk to a few batches (SMALL) and run in this process with ``ma
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import signal
@@ -13,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
-from torch import Tensor
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from dgm_lightning import VAE
@@ -56,6 +59,11 @@ def fit(family: str, root: Path, *flags: str):
     return main(["fit", "--config", config, *SMALL, *scheduler, "--trainer.default_root_dir", str(root), *flags])
 
 
+def last_of(cli) -> Path:
+    """The run's last.ckpt: every run has a folder of its own, <root>/dgm-lightning/<run id>/checkpoints."""
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -86,29 +94,84 @@ def training_state(checkpoint: dict) -> dict:
 def test_resume_and_a_second_seeded_run_reproduce_an_uninterrupted_run(family, tmp_path):
     """2 epochs straight, again (bitwise determinism), and 1 epoch + resume: weights, optimizer, scheduler,
     schedule callbacks, EMA and counters all equal."""
-    fit(family, tmp_path / "straight", "--trainer.max_epochs", "2")
-    fit(family, tmp_path / "again", "--trainer.max_epochs", "2")
-    fit(family, tmp_path / "resumed", "--trainer.max_epochs", "1")
+    straight_run = fit(family, tmp_path / "straight", "--trainer.max_epochs", "2")
+    again = fit(family, tmp_path / "again", "--trainer.max_epochs", "2")
+    first = fit(family, tmp_path / "resumed", "--trainer.max_epochs", "1")
     torch.manual_seed(123)  # whatever the random state before resuming, the checkpoint restores it
-    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    fit(family, tmp_path / "resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(last))
-    straight = training_state(load(tmp_path / "straight" / "checkpoints" / "last.ckpt"))
+    resumed = fit(family, tmp_path / "resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(last_of(first)))
+    straight = training_state(load(last_of(straight_run)))
     assert straight["global_step"] > 0 and straight["lr_schedulers"]
-    assert_same(straight, training_state(load(tmp_path / "again" / "checkpoints" / "last.ckpt")))
-    assert_same(straight, training_state(load(last)))
+    assert_same(straight, training_state(load(last_of(again))))
+    assert_same(straight, training_state(load(last_of(resumed))))  # the resumed run's own folder
+
+
+class LayerOutputDtypes(Callback):
+    """The dtypes of what each linear and convolution layer returns in training, and the weights at the start."""
+
+    LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+
+    def __init__(self) -> None:
+        self.dtypes: dict[str, set[torch.dtype]] = {}
+        self.initial: dict[str, Tensor] = {}
+        self.handles: list = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # here, not before fit: some models build their networks from the data in setup
+        self.initial = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+        for name, module in pl_module.named_modules():
+            if isinstance(module, self.LAYERS):
+                self.handles.append(module.register_forward_hook(functools.partial(self.record, name, trainer)))
+
+    def record(self, name: str, trainer, module, inputs, output: Tensor) -> None:
+        if trainer.training:  # not the validation steps
+            self.dtypes.setdefault(name, set()).add(output.dtype)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @pytest.mark.parametrize("family", RECIPES)
 def test_every_family_trains_in_bf16_mixed_precision(family, tmp_path):
-    # the same seed, set up but not trained (some models size their networks from the data in setup)
-    initial = fit(family, tmp_path / "initial", "--trainer.max_steps", "0").model.state_dict()
-    cli = fit(family, tmp_path, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed")
+    config = str(CONFIGS / f"{RECIPES[family]}.yaml")
+    flags = ["--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed"]
+    cli = DGMCLI(args=["--config", config, *SMALL, *flags, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    layers = LayerOutputDtypes()
+    cli.trainer.callbacks.append(layers)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # the layers ran in bfloat16 (the recurrent layers run in float32 on the CPU, see nets/sequence_nets.py) ...
+    assert layers.dtypes and all(dtypes == {torch.bfloat16} for dtypes in layers.dtypes.values()), layers.dtypes
+    networks = {name for name, net in cli.model.named_children() if any(True for _ in net.parameters())} - {"ema"}
+    assert networks == {name.split(".")[0] for name in layers.dtypes}  # every network took part (EMA: no step)
     losses = {k: v for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/") and "loss" in k}
     assert losses and all(value.isfinite() for value in losses.values()), losses
+    # ... while the weights stay float32 (mixed precision) and trained
     for name, param in cli.model.named_parameters():
-        assert param.dtype == torch.float32 and param.isfinite().all(), name  # mixed: the weights stay float32
+        assert param.dtype == torch.float32 and param.isfinite().all(), name
+    initial = layers.initial
     moved = [name for name, param in cli.model.named_parameters() if not torch.equal(param, initial[name])]
     assert len(moved) > len(initial) // 4, moved
+
+
+class StatesAroundBatches(Callback):
+    """Copies of the model's state_dict (weights and buffers) and the optimizers' states around each training batch."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+
+    @staticmethod
+    def copy(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        return {
+            "state_dict": {name: value.detach().clone() for name, value in pl_module.state_dict().items()},
+            "optimizers": copy.deepcopy([optimizer.state_dict() for optimizer in trainer.optimizers]),
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.before[batch_idx] = self.copy(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.after[batch_idx] = self.copy(trainer, pl_module)
 
 
 @pytest.mark.parametrize("family", RECIPES)
@@ -126,8 +189,24 @@ def test_a_nan_batch_is_skipped_by_every_family_without_touching_the_weights(fam
         return batch
 
     cli.datamodule.collate_fn = second_batch_nan
+    states = StatesAroundBatches()
+    cli.trainer.callbacks.append(states)
     with pytest.warns(UserWarning, match="skipping a training step with non-finite loss terms"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(batches) == 3 and sorted(states.before) == sorted(states.after) == [0, 1, 2]
+    before, after = states.before[1], states.after[1]
+    # the skipped step leaves every weight (EMA included) and the optimizers' states bitwise as they were
+    parameters = {name for name, _ in cli.model.named_parameters()}
+    weights = lambda state: {k: v for k, v in state["state_dict"].items() if k in parameters or "ema" in k}  # noqa: E731
+    assert_same(weights(before), weights(after), "weights around the NaN batch")
+    assert_same(before["optimizers"], after["optimizers"], "optimizer states around the NaN batch")
+    # and the finite steps around it train: a test that could not see a step at all would pass the lines above
+    for batch_idx in (0, 2):
+        start, end = weights(states.before[batch_idx]), weights(states.after[batch_idx])
+        assert any(not torch.equal(value, end[name]) for name, value in start.items()), batch_idx
+    # the buffers too (batch norm statistics): NaN running statistics would make every later evaluation NaN
+    moved = [k for k, v in before["state_dict"].items() if not torch.equal(v, after["state_dict"][k])]
+    assert not moved, moved
     assert all(param.isfinite().all() for param in cli.model.parameters())  # a NaN step would spread NaN
 
 
@@ -165,8 +244,7 @@ def test_the_node_count_goes_to_the_trainer_as_given():
 
 
 def test_a_checkpoint_with_other_settings_or_of_another_model_is_refused_and_left_intact(tmp_path):
-    fit("vae", tmp_path, "--trainer.max_epochs", "1")
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = last_of(fit("vae", tmp_path, "--trainer.max_epochs", "1"))
     saved = last.read_bytes()
     resume = ["--trainer.max_epochs", "2", "--ckpt_path", str(last)]
     with pytest.raises(ValueError, match=r"latent_dim: 8 in the checkpoint, 4 configured.*leave out --ckpt_path"):
@@ -177,8 +255,7 @@ def test_a_checkpoint_with_other_settings_or_of_another_model_is_refused_and_lef
 
 
 def test_a_missing_truncated_or_foreign_checkpoint_is_named_before_training(tmp_path):
-    fit("vae", tmp_path / "run", "--trainer.max_epochs", "1")
-    whole = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    whole = last_of(fit("vae", tmp_path / "run", "--trainer.max_epochs", "1")).read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.ckpt")
     for name, message in [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import pytest
 import torch
@@ -75,7 +74,8 @@ def test_whole_model_inverts_and_its_log_prob_matches_the_autograd_jacobian(name
         # dequantized data fill [0, 1 + delta); a tiny logit_alpha leaves no base mass outside the data space
         (dict(quantization_levels=5, preprocessing="logit", logit_alpha=1e-6), (0.0, 1.0 + 1 / 4)),
         (dict(quantization_levels=None, preprocessing="logit", logit_alpha=1e-6), (0.0, 1.0)),
-        (dict(quantization_levels=None, preprocessing="none", value_range=(-4.0, 4.0)), (-9.0, 9.0)),
+        # without preprocessing the density covers the plane; log_prob takes points in value_range only
+        (dict(quantization_levels=None, preprocessing="none", value_range=(-9.0, 9.0)), (-9.0, 9.0)),
     ],
     ids=["dequantized-logit", "continuous-logit", "none"],
 )
@@ -145,21 +145,28 @@ def test_finite_likelihood_at_initialisation_and_every_parameter_gets_a_gradient
     assert not missing
 
 
-def test_two_moons_test_nll_falls_clearly_below_the_base_density():
+def rbf_mmd(a: torch.Tensor, b: torch.Tensor, bandwidth: float = 0.5) -> float:
+    """Squared maximum mean discrepancy of two point sets (N, D), (M, D) with a Gaussian kernel (biased estimate)."""
+    kernel = lambda x, y: torch.exp(-torch.cdist(x, y).square() / (2 * bandwidth**2))  # noqa: E731
+    return (kernel(a, a).mean() + kernel(b, b).mean() - 2 * kernel(a, b).mean()).item()
+
+
+def test_two_moons_test_nll_falls_clearly_below_the_base_density_and_samples_move_onto_the_moons():
     data = Toy2DDataModule("two_moons", num_train=4000, num_val=200, num_test=1000, batch_size=200)
     data.setup()
     model = Flow("realnvp", data_shape=(2,), value_range=(-4.0, 4.0), quantization_levels=None,
                  preprocessing="none", num_steps=6, hidden_channels=32, lr=5e-3)  # fmt: skip
-    base_nll = -Normal(0.0, 1.0).log_prob(data.splits["test"].tensors[0]).sum(1).mean().item()
-    start = time.perf_counter()
+    test_points = data.splits["test"].tensors[0]
+    base_nll = -Normal(0.0, 1.0).log_prob(test_points).sum(1).mean().item()
     trainer(max_epochs=12, limit_val_batches=0).fit(model, datamodule=data)
     (metrics,) = trainer().test(model, datamodule=data, verbose=False)
-    seconds = time.perf_counter() - start
-    # seen: 3.83 nats under the base density (which is also the model's at initialisation), 2.57 after training,
-    # in about 4 s
+    # seen: 3.83 nats under the base density (which is also the model's at initialisation), 2.57 after training
     assert metrics["test/nll"] < base_nll - 0.8, (metrics, base_nll)
     assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (2 * math.log(2)), rel=1e-4)
-    assert seconds < 30
+    # the samples, not only the density: seen MMD^2 to the test points 0.056 for the base, 0.0068 after training
+    # (0.0019 for as many training points)
+    mmd_samples, mmd_base = rbf_mmd(model.sample(1000), test_points), rbf_mmd(torch.randn(1000, 2), test_points)
+    assert mmd_samples < 0.25 * mmd_base, (mmd_samples, mmd_base)
 
 
 def test_samples_lie_on_the_data_grid_in_value_range_and_follow_the_labels():
@@ -212,12 +219,12 @@ def test_an_overflowing_logdet_skips_the_step_without_touching_the_weights_then_
     flow = FlowSequential(perturb(coupling), OverflowingLogdet())
     model = Flow(data_shape=(2,), quantization_levels=None, preprocessing="none", flow=flow)
     before = [p.detach().clone() for p in model.parameters()]
-    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=8)
+    loader = DataLoader(TensorDataset(torch.rand(8, 2)), batch_size=8)  # in the default value_range (0, 1)
     with pytest.warns(UserWarning, match="non-finite loss terms: loss, nll, bpd"):
         trainer(max_epochs=1).fit(model, train_dataloaders=loader)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     model.max_nonfinite_steps = 3
-    loader = DataLoader(TensorDataset(torch.randn(32, 2)), batch_size=8)
+    loader = DataLoader(TensorDataset(torch.rand(32, 2)), batch_size=8)
     with pytest.raises(FloatingPointError, match=r"non-finite loss terms \(loss, nll, bpd\) in 3 training steps"):
         trainer(max_epochs=1).fit(model, train_dataloaders=loader)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -270,7 +277,7 @@ def test_an_injected_flow_that_changes_the_shape_is_named():
 
     model = Flow(data_shape=(4,), quantization_levels=None, preprocessing="none", flow=Halve())
     with pytest.raises(ValueError, match=r"the flow must map \(B, 4\) to the same shape"):
-        model.log_prob(torch.randn(2, 4))
+        model.log_prob(torch.rand(2, 4))
 
 
 def test_a_flow_that_does_not_fit_the_datamodule_fails_before_training():

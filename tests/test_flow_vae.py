@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules import DigitsDataModule
 from dgm_lightning import VAE, FlowVAE
@@ -81,6 +83,13 @@ def test_loss_falls_on_a_fixed_batch():
     assert last < first - 3.0, (first, last)
 
 
+def active_units_by_hand(model: FlowVAE, x: torch.Tensor) -> int:
+    """Latent dimensions whose code (z_K of the posterior mean) varies by more than 0.01 over all of x at once."""
+    with torch.no_grad():
+        codes = model.eval().encode(x)
+    return int((codes.var(dim=0) > 0.01).sum())
+
+
 def test_trains_tests_with_the_vae_metric_names_and_reloads(tmp_path):
     digits = DigitsDataModule(batch_size=64)
     model = FlowVAE(latent_dim=4, num_flows=2, iwae_samples=8, **DIGITS)
@@ -91,7 +100,22 @@ def test_trains_tests_with_the_vae_metric_names_and_reloads(tmp_path):
     (metrics,) = trainer(limit_test_batches=1).test(model, datamodule=digits, verbose=False)
     assert {"test/elbo", "test/kl", "test/reconstruction", "test/nll"} <= set(metrics)
     assert metrics["test/nll"] <= -metrics["test/elbo"] + 1.0  # IWAE is at least about as tight as the ELBO
-    assert "val/active_units" in t.callback_metrics
+    validation_images = torch.cat([x for x, _ in itertools.islice(digits.val_dataloader(), 2)])
+    assert t.callback_metrics["val/active_units"] == active_units_by_hand(model, validation_images)
+    # a known construction: z_K[0] is constant (mean 0, and u, w of every planar flow 0 in that dimension, so
+    # the flows leave it alone) and z_0[1] varies a hundred times more; the data are two batches, all zeros
+    # then all ones, so that the codes vary between the batches but not within one
+    *_, out = (m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    d, per_flow = model.latent_dim, 2 * model.latent_dim + 1
+    with torch.no_grad():
+        rows = [0] + [2 * d + k * per_flow + i for k in range(model.num_flows) for i in (0, d)]  # loc, u, w
+        out.weight[rows], out.bias[rows] = 0.0, 0.0
+        out.weight[1], out.bias[1] = 100 * out.weight[1], 100 * out.bias[1]
+    halves = torch.cat([torch.zeros(64, 1, 8, 8), torch.ones(64, 1, 8, 8)])
+    expected = active_units_by_hand(model, halves)
+    loader = DataLoader(TensorDataset(halves), batch_size=64)
+    (validated,) = trainer().validate(model, dataloaders=loader, verbose=False)
+    assert validated["val/active_units"] == expected and 1 <= expected <= 3, (validated, expected)
     restored = FlowVAE.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     assert restored.num_flows == 2 and "free_bits" not in restored.hparams
     assert model.sample(3).shape == (3, 1, 8, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from dgm_lightning.cli import main
 from tests.helpers import trainer
 
 REPO = Path(__file__).resolve().parent.parent
-POINTS = dict(img_shape=(2,), architecture="mlp", hidden_dims=[32, 32], latent_dim=4)
+# the mixtures below lie within (-2, 2); the value range is checked on the batches that reach the model
+POINTS = dict(img_shape=(2,), value_range=(-2.0, 2.0), architecture="mlp", hidden_dims=[32, 32], latent_dim=4)
 
 
 def mixture(n: int, seed: int = 0) -> torch.Tensor:
@@ -119,7 +121,8 @@ def test_global_step_advances_once_per_optimizer_step():
 def test_training_moves_samples_towards_a_2d_mixture():
     data = mixture(2048)
     model = GAN(
-        img_shape=(2,), architecture="mlp", hidden_dims=[64, 64], latent_dim=8, loss="hinge", spectral_norm=True,
+        img_shape=(2,), value_range=(-2.0, 2.0), architecture="mlp", hidden_dims=[64, 64], latent_dim=8, loss="hinge",
+        spectral_norm=True,
         lr_g=5e-4, lr_d=1e-3, betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), ema_decay=None,
     )  # fmt: skip
     test_points = mixture(512, seed=1)
@@ -359,3 +362,297 @@ def test_spectral_norm_bounds_every_discriminator_layer():
     assert len(layers) == 4  # two hidden layers, the score head and the class embedding
     for layer in layers:
         assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() == pytest.approx(1.0, abs=0.02)
+
+
+# -- properties against hand computations on tiny batches (issue 18, points 1 and 16) ------------
+
+
+def smooth_critic(seed: int = 0) -> nn.Module:
+    """A non-linear critic for 2D points whose input gradient changes smoothly from point to point."""
+    torch.manual_seed(seed)
+    critic = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    with torch.no_grad():  # steep enough to bend within the data's range, unlike a near-linear default init
+        critic[0].weight.mul_(4)
+    return critic
+
+
+def input_gradients(critic, x: torch.Tensor) -> torch.Tensor:
+    """d critic(x_i) / d x_i (B, D), by autograd at exactly the points x."""
+    x = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x).sum(), x)
+    return grad
+
+
+def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Binary cross-entropy of raw scores against one target, written out: t softplus(-l) + (1 - t) softplus(l)."""
+    return (target * SP(-logits) + (1 - target) * SP(logits)).mean()
+
+
+def hand_ema(values: list[torch.Tensor], decay: float) -> list[torch.Tensor]:
+    """The average after each update: a copy first, then the update after n earlier ones uses
+    min(decay, (1 + n) / (10 + n))."""
+    averages = [values[0].double()]
+    for n, value in enumerate(values[1:], start=1):
+        d = min(decay, (1 + n) / (10 + n))
+        averages.append(d * averages[-1] + (1 - d) * value.double())
+    return averages
+
+
+@pytest.mark.parametrize("decay, updates", [(0.6, 40), (0.9, 120)])
+def test_the_weight_average_follows_the_warmup_rule_then_the_configured_decay(decay, updates):
+    from dgm_lightning.nets.gan_nets import WarmupEMA
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    average = WarmupEMA(net, decay)
+    values = [torch.tensor(float(t) ** 1.5) for t in range(1, updates + 1)]  # not a straight line: the decay shows
+    expected = hand_ema(values, decay)
+    for t, value in enumerate(values):
+        with torch.no_grad():
+            for tensor in [*net.parameters(), net[1].running_mean]:
+                tensor.fill_(value)
+        net[1].num_batches_tracked.fill_(t + 1)
+        average.update_parameters(net)
+        for tensor in [*average.module.parameters(), average.module[1].running_mean]:
+            torch.testing.assert_close(tensor.double(), expected[t].expand_as(tensor), rtol=1e-5, atol=1e-5)
+        assert average.module[1].num_batches_tracked.item() == t + 1  # a counter: copied, not averaged
+    # the configured decay, not the warm-up, made the last updates: (1 + n) / (10 + n) > decay from n = 81 on
+    assert average.decay_after(updates - 1) == decay and average.n_averaged.item() == updates
+    assert average.decay_after(1) == pytest.approx(2 / 11)
+
+
+def test_the_gan_averages_its_generator_after_each_step_with_its_configured_decay():
+    class RecordGenerator(Callback):
+        def __init__(self) -> None:
+            self.weights: list[torch.Tensor] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.weights.append(nn.utils.parameters_to_vector(pl_module.generator.parameters()).detach().clone())
+
+    model = GAN(ema_decay=0.6, **POINTS)  # the warm-up reaches 0.6 after 13 updates: both regimes in 24 batches
+    record = RecordGenerator()
+    trainer(max_epochs=1, limit_val_batches=0, callbacks=[record]).fit(model, loader(mixture(24 * 16), 16))
+    assert len(record.weights) == 24 == model.ema.n_averaged.item()
+    got = nn.utils.parameters_to_vector(model.ema.module.parameters()).double()
+    torch.testing.assert_close(got, hand_ema(record.weights, 0.6)[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_validation_test_and_predict_use_the_average_and_use_ema_false_the_raw_generator():
+    torch.manual_seed(0)
+    model = GAN(ema_decay=0.9, discriminator=smooth_critic(), **POINTS)
+    with torch.no_grad():  # an average far from the trained weights, so that using the wrong one shows
+        for p in model.ema.module.parameters():
+            p.add_(torch.randn_like(p))
+        model.ema.module[-1].bias.add_(1.5)  # its points lie elsewhere
+    x = mixture(16)
+    g = torch.Generator().manual_seed(0)  # _evaluate seeds its noise with the batch index
+    z_d, z_g = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+
+    def expected(net: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            real, fake_d, fake_g = model.critic(x, None), model.critic(net(z_d), None), model.critic(net(z_g), None)
+        return {"d_loss": (bce(real, 1.0) + bce(fake_d, 0.0)).item(), "d_fake": fake_d.mean().item(),
+                "g_loss": SP(-fake_g).mean().item()}  # fmt: skip
+
+    with_ema, with_raw = expected(model.ema.module), expected(model.generator)
+    for name in ("d_fake", "g_loss"):  # the test can tell the two apart, far beyond its tolerance
+        assert with_ema[name] != pytest.approx(with_raw[name], rel=1e-2)
+    t = trainer()
+    (val,) = t.validate(model, loader(x, 16), verbose=False)
+    (test,) = t.test(model, loader(x, 16), verbose=False)
+    for stage, logged in (("val", val), ("test", test)):
+        assert {k: logged[f"{stage}/{k}"] for k in with_ema} == pytest.approx(with_ema, rel=1e-5)
+    torch.manual_seed(3)
+    predicted = model.predict_step((x,), 0)
+    torch.manual_seed(3)
+    z = torch.randn(16, 4)
+    torch.testing.assert_close(predicted["samples"], model.ema.module(z))
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.sample(16, use_ema=False), model.generator(z).detach())
+
+
+@pytest.mark.parametrize("loss", ["non_saturating", "least_squares"])
+def test_label_smoothing_sets_the_real_target_of_the_discriminator_step(loss):
+    model = GAN(loss=loss, label_smoothing=0.2, ema_decay=None, discriminator=smooth_critic(), **POINTS)
+    x = mixture(8)
+    _, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fake = model.generator(torch.randn(8, 4, generator=torch.Generator().manual_seed(3)))
+        real_scores, fake_scores = model.critic(x, None), model.critic(fake, None)
+    if loss == "non_saturating":
+        expected, unsmoothed = bce(real_scores, 0.8) + bce(fake_scores, 0.0), bce(real_scores, 1.0)
+    else:
+        expected = 0.5 * ((real_scores - 0.8) ** 2).mean() + 0.5 * (fake_scores**2).mean()
+        unsmoothed = 0.5 * ((real_scores - 1.0) ** 2).mean()
+    assert terms["d_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected - unsmoothed - bce(fake_scores, 0.0) * (loss == "non_saturating")).item() > 1e-3
+
+
+def test_lazy_r1_at_the_real_points_weighs_gamma_over_two_times_the_interval_every_interval_th_step():
+    model = GAN(r1_gamma=2.0, r1_interval=3, ema_decay=None, discriminator=smooth_critic(), **POINTS)
+    x = mixture(8)
+    r1_real = (input_gradients(lambda v: model.critic(v, None), x) ** 2).sum(1).mean()
+    with torch.no_grad():
+        fake = model.generator(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    r1_fake = (input_gradients(lambda v: model.critic(v, None), fake) ** 2).sum(1).mean()
+    assert abs(r1_real - r1_fake) > 0.1 * r1_real  # where R1 is evaluated matters for this critic
+    for d_steps in range(6):
+        model.d_steps = d_steps
+        loss, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(0))
+        if d_steps % 3 == 0:
+            assert terms["r1_penalty"].item() == pytest.approx(r1_real.item(), rel=1e-5)
+            expected = terms["d_loss"] + 2.0 / 2 * 3 * r1_real
+        else:
+            assert "r1_penalty" not in terms
+            expected = terms["d_loss"]
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5), d_steps
+
+
+def test_instance_noise_is_added_to_what_the_discriminator_sees_in_both_steps():
+    model = GAN(instance_noise=0.5, ema_decay=None, discriminator=smooth_critic(), **POINTS)
+    x = mixture(8)
+    _, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(5))
+    g_terms = model.generator_terms(8, None, torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(5)  # the order of draws: latents, noise on the reals, noise on the fakes
+    with torch.no_grad():
+        fake = model.generator(torch.randn(8, 4, generator=g))
+        real_scores = model.critic(x + 0.5 * torch.randn(8, 2, generator=g), None)
+        fake_scores = model.critic(fake + 0.5 * torch.randn(8, 2, generator=g), None)
+        g = torch.Generator().manual_seed(6)
+        fake = model.generator(torch.randn(8, 4, generator=g))
+        g_loss = SP(-model.critic(fake + 0.5 * torch.randn(8, 2, generator=g), None)).mean()
+        noiseless = model.critic(x, None).mean()
+    assert terms["d_real"].item() == pytest.approx(real_scores.mean().item(), rel=1e-5)
+    assert terms["d_fake"].item() == pytest.approx(fake_scores.mean().item(), rel=1e-5)
+    assert g_terms["g_loss"].item() == pytest.approx(g_loss.item(), rel=1e-5)
+    assert abs(noiseless - real_scores.mean()).item() > 1e-3  # the noise changes what the critic sees
+
+
+def test_penalties_of_a_quadratic_critic_are_taken_at_the_interpolates_and_at_the_reals():
+    # D(x) = ||x||^2 / 2 has gradient x: GP = mean (||x_hat|| - 1)^2 at x_hat, R1 = mean ||real||^2
+    critic = lambda x: 0.5 * (x**2).flatten(1).sum(1)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(6, 1, 4, 4, generator=g) + 2, torch.randn(6, 1, 4, 4, generator=g) - 1
+    alpha = torch.rand(6, generator=g)
+    x_hat = alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake
+    gp = objectives.gradient_penalty(critic, real, fake, alpha)
+    assert gp.item() == pytest.approx(((x_hat.flatten(1).norm(dim=1) - 1) ** 2).mean().item(), rel=1e-5)
+    r1 = objectives.r1_penalty(critic, real)
+    assert r1.item() == pytest.approx((real.flatten(1).norm(dim=1) ** 2).mean().item(), rel=1e-5)
+
+
+def test_the_gan_takes_the_gradient_penalty_at_real_fake_interpolates():
+    model = GAN(loss="wasserstein", gp_weight=10.0, ema_decay=None, discriminator=smooth_critic(), **POINTS)
+    x = mixture(8)
+    loss, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)  # the order of draws: latents, then the interpolation weights
+    with torch.no_grad():
+        fake = model.generator(torch.randn(8, 4, generator=g))
+    alpha = torch.rand(8, 1, generator=g)
+
+    def penalty_at(points: torch.Tensor) -> float:
+        return ((input_gradients(lambda v: model.critic(v, None), points).norm(dim=1) - 1) ** 2).mean().item()
+
+    expected = penalty_at(alpha * x + (1 - alpha) * fake)
+    assert abs(expected - penalty_at(x)) > 0.1 * expected  # at the real points it would be another value
+    assert terms["gradient_penalty"].item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(terms["d_loss"].item() + 10.0 * expected, rel=1e-5)
+
+
+def test_training_latents_differ_between_batches_and_repeat_after_a_resume(tmp_path):
+    def record_latents(model: GAN) -> list[torch.Tensor]:
+        drawn, latent = [], model.latent
+
+        def recording(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+            z = latent(n, generator)
+            if generator is not None:  # the training noise stream (sample() draws from the global one)
+                drawn.append(z.clone())
+            return z
+
+        model.latent = recording
+        return drawn
+
+    data = loader(mixture(64), 32)  # two batches per epoch
+    torch.manual_seed(0)
+    model = GAN(**POINTS)
+    reference = record_latents(model)
+    trainer(max_epochs=2, limit_val_batches=0).fit(model, data)
+    assert len(reference) == 8  # a D step and a G step in each of 4 batches
+    for i in range(8):
+        for j in range(i):
+            assert not torch.allclose(reference[i], reference[j]), (i, j)
+
+    torch.manual_seed(0)
+    first = trainer(max_epochs=1, limit_val_batches=0)
+    first.fit(GAN(**POINTS), data)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    torch.manual_seed(123)  # other random state, as in a fresh process
+    model = GAN(**POINTS)
+    resumed = record_latents(model)
+    trainer(max_epochs=2, limit_val_batches=0).fit(model, data, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert len(resumed) == 4
+    for got, expected in zip(resumed, reference[4:], strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_gan_recipe_with_generative_metrics_checkpoints_on_the_lowest_val_fid(tmp_path):
+    """The README's way: the recipe's ModelCheckpoint is its last callback, so --trainer.callbacks.monitor
+    right after --config sets it, before GenerativeMetrics is appended."""
+    import lightning as L
+
+    from dgm_lightning import Classifier
+
+    classifier_trainer = trainer(max_steps=1, limit_val_batches=0)
+    classifier_trainer.fit(Classifier(10, img_shape=(1, 8, 8), feature_dim=16, hidden_dims=(8, 16)),
+                           loader(torch.rand(8, 1, 8, 8), 8, torch.arange(8)))  # fmt: skip
+    classifier_trainer.save_checkpoint(tmp_path / "classifier.ckpt")
+    L.seed_everything(0)
+    cli = main(
+        ["fit", "--config", str(REPO / "configs" / "dcgan_digits.yaml"),
+         "--trainer.callbacks.monitor", "val/fid", "--trainer.callbacks.mode", "min",
+         "--trainer.callbacks.save_top_k", "-1",
+         "--trainer.callbacks+=GenerativeMetrics", "--trainer.callbacks.classifier_checkpoint",
+         str(tmp_path / "classifier.ckpt"), "--trainer.callbacks.metrics", "[fid]",
+         "--trainer.callbacks.num_samples", "30",
+         "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+         "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    )  # fmt: skip
+    checkpoint = cli.trainer.checkpoint_callback
+    assert (checkpoint.monitor, checkpoint.mode) == ("val/fid", "min")
+    scores = {path: score.item() for path, score in checkpoint.best_k_models.items()}
+    assert len(scores) == 2 and len(set(scores.values())) == 2  # one FID per epoch
+    assert checkpoint.best_model_score.item() == min(scores.values())
+    assert checkpoint.best_model_path == min(scores, key=scores.get) and Path(checkpoint.best_model_path).is_file()
+
+
+def test_the_average_samples_with_the_batch_norm_statistics_of_its_own_weights():
+    """The averaged weights get statistics of their own activations (on fixed latents), not an average of the
+    raw generator's statistics, which do not belong to those weights; recomputed whenever the weights moved."""
+    from torch.optim.swa_utils import update_bn
+
+    model = GAN(8, img_shape=(1, 8, 8), hidden_dims=[8, 16], ema_decay=0.5)
+    generator_bn = [m for m in model.generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert generator_bn  # the default DCGAN generator has batch norm
+    with torch.no_grad():
+        for _ in range(3):  # three updates of weights and running statistics that the average follows
+            for p in model.generator.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            model.generator(torch.randn(32, 8))  # train mode: moves the running statistics
+            model.ema.update_parameters(model.generator)
+    averaged = [b.clone() for b in model.ema.module.buffers()]  # what sample() used before the recomputation
+    samples = model.sample(4)
+    # the statistics that update_bn gives the averaged weights on the model's own fixed latents
+    expected = copy.deepcopy(model.ema.module)
+    noise = torch.Generator().manual_seed(model.noise_seed)
+    update_bn([torch.randn(128, 8, generator=noise) for _ in range(8)], expected)
+    for ours, theirs, old in zip(model.ema.module.buffers(), expected.buffers(), averaged, strict=True):
+        assert torch.equal(ours, theirs)
+        assert ours.dtype == torch.long or not torch.allclose(ours, old)
+    torch.manual_seed(0)
+    z = torch.randn(4, 8)
+    torch.manual_seed(0)
+    assert torch.equal(model.sample(4), expected.eval()(z)) and samples.shape == (4, 1, 8, 8)
+    # recomputed only after the weights move again
+    assert not model.ema.statistics_stale
+    model.ema.update_parameters(model.generator)
+    assert model.ema.statistics_stale

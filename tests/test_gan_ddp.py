@@ -6,12 +6,13 @@ script, or train.py), never Trainer(strategy="ddp") inside the pytest process.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from tests.helpers import PRINT_IMPORTS, assert_imported_the_tree_under_test, tree_under_test_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ if __name__ == "__main__":
     model = RecordingGAN(img_shape=(2,), architecture="mlp", hidden_dims=[16], latent_dim=4, loss="wasserstein",
                          gp_weight=1.0, n_critic=2, ema_decay=0.9)
     initial = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    data = DataLoader(TensorDataset(torch.randn(256, 2)), batch_size=32)
+    data = DataLoader(TensorDataset(torch.rand(256, 2) * 2 - 1), batch_size=32)  # the default value_range (-1, 1)
     trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=6, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
@@ -53,14 +54,15 @@ if __name__ == "__main__":
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    env = tree_under_test_env(OMP_NUM_THREADS="1", WANDB_MODE="offline")
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def test_a_plain_ddp_script_trains_with_identical_weights_and_different_noise_per_rank(tmp_path):
-    (tmp_path / "ddp_gan.py").write_text(SCRIPT)
+    (tmp_path / "ddp_gan.py").write_text(SCRIPT + PRINT_IMPORTS)
     result = run([sys.executable, "ddp_gan.py"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_imported_the_tree_under_test(result.stdout)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # 6 optimizer steps = 2 batches of 2 critic steps + 1 generator step
     assert rank0["global_step"] == rank1["global_step"] == 6
@@ -80,6 +82,6 @@ def test_a_gan_recipe_trains_under_ddp_from_the_command_line(tmp_path):
         tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    (checkpoint,) = tmp_path.glob("checkpoints/last.ckpt")
+    (checkpoint,) = tmp_path.glob("dgm-lightning/*/checkpoints/last.ckpt")  # one run folder, whatever the ranks
     state = torch.load(checkpoint, weights_only=False)
     assert state["global_step"] == 4 and state["gan_counters"]["batches_seen"] == 2

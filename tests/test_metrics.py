@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -14,12 +13,13 @@ import scipy.linalg
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from callbacks import ClassifierFeatures, GenerativeMetrics, InceptionFeatures
 from datamodules import DigitsDataModule
 from dgm_lightning import VAE, Classifier
-from tests.helpers import trainer
+from tests.helpers import PRINT_IMPORTS, assert_imported_the_tree_under_test, trainer, tree_under_test_env
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,63 @@ def test_callback_logs_fid_kid_is_while_training_and_testing(digits, classifier_
     assert not any("classifier" in key for key in state)
 
 
+def replay(images: torch.Tensor):
+    """A stand-in for ``model.sample``: the given images in order, from the first again once all are drawn."""
+    position = 0
+
+    def sample(n: int, **_) -> torch.Tensor:
+        nonlocal position
+        drawn = images[position : position + n]
+        position = (position + n) % len(images)
+        return drawn
+
+    return sample
+
+
+def inception_score_by_hand(log_probs: torch.Tensor, permutation: torch.Tensor, splits: int = 10) -> float:
+    """IS = mean over splits of exp(E_x KL(p(y | x) || p(y))), p(y) the split's mean prediction (float64)."""
+    scores = []
+    for chunk in log_probs[permutation].double().chunk(splits):
+        p_y = chunk.exp().mean(0)
+        kl = (chunk.exp() * (chunk - p_y.log())).sum(1)
+        scores.append(kl.mean().exp())
+    return torch.stack(scores).mean().item()
+
+
+def test_callback_fid_is_zero_for_the_real_images_and_large_for_noise_and_is_matches_a_hand_computation(
+    digits, classifier_checkpoint, monkeypatch
+):
+    # torchmetrics' IS shuffles the samples into its splits with the global random state: seeded here, so that
+    # the hand computation can split them alike
+    seeded_compute = InceptionScore.compute
+    monkeypatch.setattr(InceptionScore, "compute", lambda self: (torch.manual_seed(0), seeded_compute(self))[1])
+    permutation = torch.randperm(150, generator=torch.Generator().manual_seed(0))
+    metrics = GenerativeMetrics(
+        metrics=["fid", "is"], classifier_checkpoint=str(classifier_checkpoint[0]), num_samples=150, batch_size=64
+    )
+    model = VAE(latent_dim=4, img_shape=(1, 8, 8), hidden_dims=[16])
+    real = unit_images(digits, "val")[:150]  # the callback's real images: the first 150 of the validation loader
+    noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0))
+    classifier = Classifier.load_from_checkpoint(classifier_checkpoint[0], weights_only=True)
+    features, log_probs = ClassifierFeatures(classifier, "features"), ClassifierFeatures(classifier, "logits")
+    results = {}
+    for name, samples in (("real", real), ("noise", noise)):
+        model.sample = replay(samples)
+        (results[name],) = trainer(callbacks=[metrics]).validate(model, datamodule=digits, verbose=False)
+        with torch.no_grad():
+            is_by_hand = inception_score_by_hand(log_probs(samples), permutation)
+        assert results[name]["val/is"] == pytest.approx(is_by_hand, rel=1e-5), name
+    with torch.no_grad():
+        fid_noise = fid_reference(features(real).double().numpy(), features(noise).double().numpy())
+        fid_real_sets = fid_reference(features(real).double().numpy(), features(unit_images(digits)).double().numpy())
+    # seen: 2e-11 for the real images against themselves, 3.9 against the test images, 58 for uniform noise
+    assert abs(results["real"]["val/fid"]) < 1e-2
+    assert results["noise"]["val/fid"] == pytest.approx(fid_noise, rel=1e-3)
+    assert fid_noise > 5 * fid_real_sets
+    # the classifier tells the real digits apart, not the noise: seen IS 4.3 against 1.5 (splits of 15 images)
+    assert results["real"]["val/is"] > 2 * results["noise"]["val/is"], results
+
+
 def test_samples_improve_fid_over_an_untrained_model(digits, classifier_checkpoint):
     metrics = GenerativeMetrics(
         classifier_checkpoint=str(classifier_checkpoint[0]), num_samples=180, kid_subset_size=50
@@ -175,13 +232,13 @@ print(f"rank {trainer.global_rank} fid {trainer.callback_metrics['val/fid'].item
 
 
 def test_metrics_under_ddp_agree_across_ranks_and_do_not_hang(classifier_checkpoint, tmp_path):
-    (tmp_path / "ddp_metrics.py").write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "ddp_metrics.py").write_text(DDP_SCRIPT + PRINT_IMPORTS)
     result = subprocess.run(
         [sys.executable, "ddp_metrics.py", str(classifier_checkpoint[0])],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=tree_under_test_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert_imported_the_tree_under_test(result.stdout, packages=("dgm_lightning", "datamodules", "callbacks"))
     # the two processes share stdout, so their lines can interleave: find the reports, not the lines
     reports = sorted(re.findall(r"rank (\d) fid (\d+\.\d{6})", result.stdout))
     assert [rank for rank, _ in reports] == ["0", "1"], result.stdout[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import pytest
 import torch
@@ -44,7 +45,28 @@ def test_a_truncated_file_is_reported(tmp_path):
     write_idx_files(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-10]))
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match="truncated.*delete it and fetch it again"):
+        MNISTDataModule(str(tmp_path)).setup()
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"])
+def test_a_cut_gzip_file_is_named_with_how_to_get_it_again(tmp_path, name):
+    # an interrupted download or copy: the compressed stream ends early (gzip's bare EOFError before)
+    write_idx_files(tmp_path)
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    expected = rf"{re.escape(str(path))}.*truncated or corrupt.*download: true.*apt-get install --reinstall"
+    with pytest.raises(ValueError, match=expected):
+        FashionMNISTDataModule(str(tmp_path)).setup()
+
+
+def test_a_damaged_gzip_file_is_named(tmp_path):
+    write_idx_files(tmp_path)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the CRC of the uncompressed data no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*truncated or corrupt.*--reinstall"):
         MNISTDataModule(str(tmp_path)).setup()
 
 

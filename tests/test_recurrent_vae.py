@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+import yaml
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.distributions import Normal
 
-from callbacks import ParameterSchedule
-from datamodules import TextLinesDataModule
+from callbacks import ParameterSchedule, TextLogger, run_dir
+from datamodules import SequentialImageDataModule, TextLinesDataModule
 from datamodules.sequences import pad_batch
 from dgm_lightning import RecurrentVAE, Vocabulary, objectives
 from dgm_lightning.cli import main
 from dgm_lightning.vocabulary import BOS, EOS, PAD, SPECIALS, UNK
-from tests.helpers import trainer
+from tests.helpers import trainer, wandb_history_keys, wandb_records
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(latent_dim=4, embedding_dim=8, hidden_dim=16)
@@ -95,6 +99,48 @@ def test_teacher_forcing_targets_end_in_eos_and_word_dropout_spares_bos():
     assert dropped[:, 0].eq(BOS).all()
     share = dropped[:, 1:].eq(UNK).float().mean().item()
     assert 0.4 < share < 0.6, share
+
+
+def decoder_inputs(model: RecurrentVAE, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """What the decoder reads when the model computes its loss on (x, lengths)."""
+    seen = []
+    hook = model.decoder.register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
+    try:
+        model.loss_terms(x, lengths)
+    finally:
+        hook.remove()
+    (inputs,) = seen
+    return inputs
+
+
+def test_word_dropout_zeroes_whole_steps_of_continuous_sequences_while_training_only():
+    # continuous inputs have no <unk>: a dropped step is all zeros, what the first step reads in place of <bos>
+    model = RecurrentVAE(likelihood="gaussian", input_dim=3, word_dropout=0.3, **TINY)
+    x = 0.5 + torch.rand(500, 6, 3)  # no value is 0, so that a zero can only be a dropped step
+    lengths = torch.full((500,), 6)
+    shifted = torch.cat([torch.zeros(500, 1, 3), x[:, :-1]], 1)  # 0, x_1 .. x_{T-1}
+    inputs = decoder_inputs(model.train(), x, lengths)
+    assert inputs[:, 0].eq(0).all()
+    dropped = inputs[:, 1:].eq(0).all(-1)  # (B, T - 1)
+    # every step is either dropped as a whole or passed on unchanged
+    assert torch.equal(inputs[:, 1:][~dropped], shifted[:, 1:][~dropped])
+    assert inputs[:, 1:].eq(0).any(-1).equal(dropped)
+    # at the configured rate (2500 steps: a standard deviation of 0.009), independently of the position
+    assert dropped.float().mean().item() == pytest.approx(0.3, abs=0.04)
+    assert dropped.float().mean(0).sub(0.3).abs().max() < 0.08
+    # evaluation reads the sequence itself
+    assert torch.equal(decoder_inputs(model.eval(), x, lengths), shifted)
+
+
+def test_word_dropout_replaces_token_inputs_by_unk_while_training_only():
+    model = token_model(word_dropout=0.3)
+    x, lengths = random_tokens([5] * 400)
+    inputs = decoder_inputs(model.train(), x, lengths)
+    assert inputs[:, 0].eq(BOS).all()
+    dropped = inputs[:, 1:].eq(UNK)
+    assert torch.equal(inputs[:, 1:][~dropped], x[~dropped])
+    assert dropped.float().mean().item() == pytest.approx(0.3, abs=0.04)
+    assert torch.equal(decoder_inputs(model.eval(), x, lengths)[:, 1:], x)
 
 
 @pytest.mark.parametrize(
@@ -218,13 +264,27 @@ def test_mutual_information_is_zero_for_an_uninformative_posterior_and_log_n_for
 # -- training, metrics, checkpoints ----------------------------------------------------------------
 
 
+def active_units_by_hand(model: RecurrentVAE, dm: TextLinesDataModule) -> int:
+    """The latent dimensions whose posterior mean varies by more than 0.01 over the whole validation set."""
+    with torch.no_grad():
+        codes = torch.cat([model.eval().encode(*model.unpack_batch(batch)) for batch in dm.val_dataloader()])
+    return int((codes.var(dim=0) > 0.01).sum())
+
+
 def test_variable_length_text_trains_tests_and_predicts_with_token_metrics(tmp_path):
     dm = TextLinesDataModule(str(write_corpus(tmp_path / "c.txt", n=80)), batch_size=16, max_len=30)
     model = RecurrentVAE(**TINY, iwae_samples=4, word_dropout=0.2)
     # a logger: Lightning refuses to log hyperparameters that model and DataModule share with different values
     t = trainer(max_steps=4, limit_val_batches=2, logger=CSVLogger(tmp_path))
     t.fit(model, datamodule=dm)
-    assert t.callback_metrics["val/active_units"] >= 0
+    assert t.callback_metrics["val/active_units"] == active_units_by_hand(model, dm)
+    trained = model.encoder.head.weight.detach().clone()
+    with torch.no_grad():  # the mean of z[0] made to vary a thousand times more: at least that unit is active
+        model.encoder.head.weight[0] *= 1000
+    (validated,) = t.validate(model, datamodule=dm, verbose=False)
+    assert validated["val/active_units"] == active_units_by_hand(model, dm) >= 1
+    with torch.no_grad():
+        model.encoder.head.weight.copy_(trained)
     (metrics,) = t.test(model, datamodule=dm, verbose=False)
     assert all(math.isfinite(v) for v in metrics.values())
     assert {"test/elbo", "test/kl", "test/mi", "test/nll", "test/nll_per_token", "test/ppl"} <= set(metrics)
@@ -263,6 +323,55 @@ def test_image_logger_skips_sequence_models(tmp_path):
     assert t.state.finished and not list(tmp_path.rglob("*.png"))
 
 
+def test_text_samples_and_reconstructions_reach_the_run_folder_and_wandb_every_n_epochs(tmp_path):
+    dm = TextLinesDataModule(str(write_corpus(tmp_path / "c.txt", n=60)), level="word", batch_size=16)
+    logger = WandbLogger(project="dgm-lightning", save_dir=str(tmp_path), offline=True)
+    text = TextLogger(every_n_epochs=2, num_samples=5, num_reconstructions=3, temperature=0.5, seed=7)
+    t = trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=2, logger=logger, callbacks=[text])
+    model = RecurrentVAE(**TINY)
+    t.fit(model, datamodule=dm)
+    logger.experiment.finish()
+    # written after the second epoch only (epochs count from 0), in the run's own folder
+    folder = run_dir(t) / "text"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*")) == [
+        "reconstructions/epoch_0001.tsv",
+        "samples/epoch_0001.txt",
+    ]
+    # what the model samples with that seed and temperature (after the last epoch: the final weights)
+    torch.manual_seed(7)
+    expected = model.sample_text(5, temperature=0.5)
+    assert (folder / "samples" / "epoch_0001.txt").read_text(encoding="utf-8").splitlines() == expected
+    # the first validation lines and their greedy reconstructions
+    rows = list(csv.reader((folder / "reconstructions" / "epoch_0001.tsv").open(encoding="utf-8"), delimiter="\t"))
+    x, lengths = pad_batch(dm.splits["val"][:3])
+    assert rows[0] == ["input", "reconstruction"] and [r[0] for r in rows[1:]] == model.decode_text(x)
+    assert [r[1] for r in rows[1:]] == model.decode_text(model.reconstruct(x, lengths))
+    # the same rows reach W&B as tables
+    (wandb_run,) = (tmp_path / "wandb").glob("offline-run-*")
+    for _ in range(100):  # W&B's service may still be writing the run file when finish() returns: up to its end
+        if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(wandb_run)):
+            break
+        time.sleep(0.1)
+    assert {"val/text_samples/_type", "val/text_reconstructions/_type"} <= wandb_history_keys(wandb_run)
+    (table,) = (wandb_run / "files" / "media" / "table" / "val").glob("text_samples_*.table.json")
+    content = json.loads(table.read_text())
+    assert content["columns"] == ["sample"] and content["data"] == [[line] for line in expected]
+
+
+def test_the_text_logger_refuses_a_model_that_writes_no_text():
+    dm = SequentialImageDataModule("digits", batch_size=64)
+    t = trainer(max_epochs=1, limit_train_batches=1, callbacks=[TextLogger()])
+    with pytest.raises(TypeError, match=r"RecurrentVAE \(likelihood 'bernoulli'\) does not generate text.*categorical"):
+        t.fit(RecurrentVAE(likelihood="bernoulli", **TINY), datamodule=dm)
+    with pytest.raises(ValueError, match="num_reconstructions must be >= 0, got -1"):
+        TextLogger(num_reconstructions=-1)
+
+
+def test_the_text_recipe_logs_text():
+    recipe = yaml.safe_load((REPO / "configs" / "rvae_text.yaml").read_text())
+    assert "callbacks.TextLogger" in [c["class_path"] for c in recipe["trainer"]["callbacks"]]
+
+
 def test_the_vocabulary_travels_with_the_checkpoint(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt", n=60)
     dm = TextLinesDataModule(str(corpus), batch_size=16)
@@ -290,7 +399,7 @@ def test_predict_from_a_checkpoint_writes_text_without_the_original_file(tmp_pat
               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     tiny = ["--model.hidden_dim", "16", "--model.embedding_dim", "8", "--model.latent_dim", "4"]
     main(["fit", *common, *tiny, "--data.path", str(corpus), "--trainer.max_steps", "2"])
-    (checkpoint,) = tmp_path.glob("checkpoints/last.ckpt")
+    (checkpoint,) = tmp_path.glob("dgm-lightning/*/checkpoints/last.ckpt")
     vocab = set(torch.load(checkpoint, weights_only=True)["hyper_parameters"]["vocab"])
     corpus.unlink()
     (tmp_path / "new.txt").write_text("zebra\na red owl\n")  # 'z' never occurred in training

@@ -108,9 +108,16 @@ def test_non_positive_num_steps_raises(num_steps):
         ParameterSchedule("beta", num_steps=num_steps)
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_cycles=0), dict(ratio=0.0), dict(ratio=1.5)])
-def test_bad_cycle_arguments_raise(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_cycles=0), r"num_steps and num_cycles must be > 0, got \d+ and 0"),
+        (dict(ratio=0.0), r"ratio must be in \(0, 1\], got 0.0"),
+        (dict(ratio=1.5), r"ratio must be in \(0, 1\], got 1.5"),
+    ],
+)
+def test_bad_cycle_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         ParameterSchedule("beta", "cyclical", **kwargs)
 
 
