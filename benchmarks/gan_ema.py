@@ -1,17 +1,16 @@
 """Does the GAN's weight average sample at least as well as the raw generator at every budget? FID on Fashion-MNIST.
 
-    python benchmarks/gan_ema.py [--epochs 1 3 10] [--num-samples 10000] [--json PATH]
+    python benchmarks/gan_ema.py [--epochs 1 3 10] [--num-samples 10000] [--rampups 0.01 0.02 0.05] [--json PATH]
 
 Trains the model, data and callbacks of ``configs/dcgan_fashion_mnist.yaml`` (seed 0) and after each listed epoch
 computes the FID of ``num_samples`` samples against as many official test images, on the features of a
 ``Classifier`` trained once beforehand as ``configs/classifier_fashion_mnist.yaml`` says (offline features, so
 on another scale than Inception FIDs). The generators compared all come from the one training run (an average
-never changes the training): the raw generator (``sample(use_ema=False)``), the model's own average
-(``sample()``: TensorFlow's warm-up rule, batch-norm statistics recomputed for the averaged weights), and two
-averages kept beside it with the same ``ema_decay`` and the same recomputation: a fixed decay (the rule before the
-warm-up) and StyleGAN2's ramp-up (half-life at most 5 % of the steps so far). All generators see the same latent
-vectors. The FID of as many training images against the test images is printed
-as the floor a perfect generator would reach.
+never changes the training), all with the same ``ema_decay``, batch-norm statistics recomputed for the averaged
+weights, and the same latent vectors: the raw generator (``sample(use_ema=False)``), the model's own average
+(``sample()``), a fixed decay (the rule before the warm-up), TensorFlow's warm-up min(decay, (1 + n) / (10 + n)),
+and StyleGAN2's ramp-up (half-life at most ``rampup`` times the steps so far) for each of ``--rampups``. The FID
+of as many training images against the test images is printed as the floor a perfect generator would reach.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from dgm_lightning import GAN, Classifier  # noqa: E402
 from dgm_lightning.nets.gan_nets import WarmupEMA  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-GENERATORS = ("raw", "ema_tf_warmup", "ema_fixed", "ema_stylegan2")
 
 
 class FixedEMA(WarmupEMA):
@@ -49,12 +47,11 @@ class FixedEMA(WarmupEMA):
         return self.decay
 
 
-class StyleGAN2EMA(WarmupEMA):
-    """StyleGAN2's ramp-up: a half-life of at most 5 % of the updates so far, in steps (Karras et al. 2020,
-    arXiv:1912.04958, ``ema_rampup=0.05``), capped by ``decay``."""
+class TensorFlowEMA(WarmupEMA):
+    """TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``: min(decay, (1 + n) / (10 + n))."""
 
     def decay_after(self, num_updates: int) -> float:
-        return min(self.decay, 0.5 ** (1 / (0.05 * num_updates)))
+        return min(self.decay, (1 + num_updates) / (10 + num_updates))
 
 
 def instantiate(spec: dict[str, Any]) -> Any:
@@ -92,8 +89,10 @@ def to_unit(x: Tensor, value_range: tuple[float, float]) -> Tensor:
 class FIDAtEpochs(Callback):
     """Keeps the extra averages and, after each listed epoch, the FID of every generator (random state kept)."""
 
-    def __init__(self, classifier: Classifier, real: Tensor, epochs: list[int], num_samples: int) -> None:
-        self.epochs, self.num_samples = set(epochs), num_samples
+    def __init__(
+        self, classifier: Classifier, real: Tensor, epochs: list[int], num_samples: int, rampups: list[float]
+    ) -> None:
+        self.epochs, self.num_samples, self.rampups = set(epochs), num_samples, rampups
         self.fid = FrechetInceptionDistance(ClassifierFeatures(classifier), reset_real_features=False, normalize=True)
         for start in range(0, real.shape[0], 500):
             self.fid.update(real[start : start + 500], real=True)
@@ -104,8 +103,9 @@ class FIDAtEpochs(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: GAN) -> None:
         decay = pl_module.hparams.ema_decay
         self.averages = {
-            "ema_fixed": FixedEMA(pl_module.generator, decay),
-            "ema_stylegan2": StyleGAN2EMA(pl_module.generator, decay),
+            "fixed": FixedEMA(pl_module.generator, decay),
+            "tensorflow": TensorFlowEMA(pl_module.generator, decay),
+            **{f"rampup {r:g}": WarmupEMA(pl_module.generator, decay, rampup=r) for r in self.rampups},
         }
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: GAN, outputs, batch, batch_idx: int) -> None:
@@ -120,13 +120,13 @@ class FIDAtEpochs(Callback):
             return
         # the model's average as sample() uses it (batch-norm statistics recomputed for its weights); the other
         # averages get the same recomputation, so that only the decay rules differ
-        nets = {"raw": pl_module.generator, "ema_tf_warmup": pl_module.sampling_net()}
+        nets = {"raw": pl_module.generator, "sample()": pl_module.sampling_net()}
         for name, average in self.averages.items():
             average.recompute_batch_norm(pl_module.statistics_inputs())
             nets[name] = average.module
         with torch.random.fork_rng():
             row = {"epoch": epoch, "generator_steps": int(pl_module.ema.n_averaged)}
-            row.update({name: self.score(pl_module, nets[name]) for name in GENERATORS})
+            row.update({name: self.score(pl_module, net) for name, net in nets.items()})
         row["train_s"] = time.perf_counter() - self.start
         self.results.append(row)
         print(f"[gan_ema] {row}", flush=True)
@@ -180,7 +180,7 @@ def run(args) -> dict[str, Any]:
     schedules = [
         instantiate(c) for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ParameterSchedule")
     ]
-    measure = FIDAtEpochs(classifier, real_test, args.epochs, args.num_samples)
+    measure = FIDAtEpochs(classifier, real_test, args.epochs, args.num_samples, args.rampups)
     trainer = make_trainer(
         max_epochs=max(args.epochs),
         limit_train_batches=args.limit_train_batches or 1.0,
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-samples", type=int, default=10000, help="generated and real images per FID")
     parser.add_argument("--classifier-epochs", type=int, help="default: the classifier recipe's max_epochs")
     parser.add_argument("--workdir", default="runs/benchmarks/gan_ema", help="where the classifier is kept")
+    parser.add_argument(
+        "--rampups", type=float, nargs="*", default=[0.01, 0.02, 0.05], help="ramp-ups of extra averages to compare"
+    )
     parser.add_argument("--limit-train-batches", type=int, help="GAN batches per epoch (default: all, 430)")
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -220,8 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"FID on Fashion-MNIST ({protocol['num_samples']:,} samples vs test images, classifier features, test "
         f"accuracy {protocol['classifier_test_accuracy']:.3f}; train vs test images: "
         f"{protocol['train_vs_test_fid']:.3g}), ema_decay {protocol['ema_decay']}",
-        ["epoch", "G steps", "raw", "EMA TF warm-up (sample())", "EMA fixed (before)", "EMA StyleGAN2", "train s"],
-        [[r["epoch"], r["generator_steps"], *(r[g] for g in GENERATORS), r["train_s"]] for r in results["fid"]],
+        list(results["fid"][0]),
+        [list(row.values()) for row in results["fid"]],
     )
     if args.json:
         write_json(results, args.json)

@@ -43,10 +43,11 @@ class GAN(GenerativeModel):
     ``r1_gamma``, ``instance_noise`` and ``label_smoothing`` are plain floats that ``ParameterSchedule`` can
     anneal. With ``ema_decay`` set, ``sample``, validation, test and predict use an exponential moving average of
     the generator weights (and batch-norm statistics), updated after each generator step and saved in checkpoints.
-    Its decay warms up: after n updates the next one uses min(``ema_decay``, (1 + n) / (10 + n)) (TensorFlow's
-    ``ExponentialMovingAverage`` rule), so that a short run does not sample from an average still dominated by
-    the initial weights (with a fixed 0.999, for thousands of steps); ``sample(use_ema=False)`` draws from the
-    raw generator.
+    Its decay warms up: after n updates the next one uses min(``ema_decay``, 0.5 ** (1 / (``ema_rampup`` n))), a
+    half-life of at most ``ema_rampup`` times the steps so far (StyleGAN2's ramp-up), so that a short run does not
+    sample from an average still dominated by the initial weights (with a fixed 0.999, for thousands of steps).
+    Before it samples, the average's batch-norm statistics are recomputed for its own weights (an average of the
+    trained generator's statistics does not fit them). ``sample(use_ema=False)`` draws from the raw generator.
 
     Args:
         latent_dim: size of the latent noise z ~ N(0, I).
@@ -75,7 +76,8 @@ class GAN(GenerativeModel):
             ``gradient_clip_val`` does not work with manual optimization; use this one.
         gradient_clip_algorithm: ``norm`` or ``value``.
         ema_decay: decay of the generator's weight average used for sampling, reached after a warm-up (see
-            above; after 8,990 generator steps for 0.999). None: no average, sample the raw generator.
+            above). None: no average, sample the raw generator.
+        ema_rampup: the warm-up: the average's half-life is at most this fraction of the generator steps so far.
         noise_seed: seed of the training noise streams; None takes ``torch.initial_seed()`` (set by
             ``seed_everything``).
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
@@ -125,6 +127,7 @@ class GAN(GenerativeModel):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         ema_decay: float | None = 0.999,
+        ema_rampup: float = 0.05,
         noise_seed: int | None = None,
         compile: bool = False,
         generator: nn.Module | None = None,
@@ -158,6 +161,7 @@ class GAN(GenerativeModel):
                 raise ValueError(f"{name} must be two numbers in [0, 1), got {tuple(betas)}")
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or None (no average), got {ema_decay}")
+        check_positive(ema_rampup=ema_rampup)
 
         self.latent_dim = latent_dim
         self.loss = loss
@@ -193,7 +197,7 @@ class GAN(GenerativeModel):
         self.ema: WarmupEMA | None = None
         if ema_decay is not None:
             # batch-norm statistics are averaged too, so the average is a consistent network
-            self.ema = WarmupEMA(generator, ema_decay)
+            self.ema = WarmupEMA(generator, ema_decay, rampup=ema_rampup)
             self.ema.requires_grad_(False)  # never trained: keeps it out of optimizers and DDP's gradient buckets
 
         self.noise_seed = torch.initial_seed() if noise_seed is None else int(noise_seed)

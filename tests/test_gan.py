@@ -388,24 +388,24 @@ def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return (target * SP(-logits) + (1 - target) * SP(logits)).mean()
 
 
-def hand_ema(values: list[torch.Tensor], decay: float) -> list[torch.Tensor]:
+def hand_ema(values: list[torch.Tensor], decay: float, rampup: float = 0.05) -> list[torch.Tensor]:
     """The average after each update: a copy first, then the update after n earlier ones uses
-    min(decay, (1 + n) / (10 + n))."""
+    min(decay, 0.5 ** (1 / (rampup n))) (a half-life of at most rampup times the updates so far)."""
     averages = [values[0].double()]
     for n, value in enumerate(values[1:], start=1):
-        d = min(decay, (1 + n) / (10 + n))
+        d = min(decay, 0.5 ** (1 / (rampup * n)))
         averages.append(d * averages[-1] + (1 - d) * value.double())
     return averages
 
 
-@pytest.mark.parametrize("decay, updates", [(0.6, 40), (0.9, 120)])
-def test_the_weight_average_follows_the_warmup_rule_then_the_configured_decay(decay, updates):
+@pytest.mark.parametrize("decay, updates, rampup", [(0.6, 40, 0.05), (0.9, 200, 0.05), (0.9, 60, 0.2)])
+def test_the_weight_average_follows_the_warmup_rule_then_the_configured_decay(decay, updates, rampup):
     from dgm_lightning.nets.gan_nets import WarmupEMA
 
     net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
-    average = WarmupEMA(net, decay)
+    average = WarmupEMA(net, decay, rampup=rampup)
     values = [torch.tensor(float(t) ** 1.5) for t in range(1, updates + 1)]  # not a straight line: the decay shows
-    expected = hand_ema(values, decay)
+    expected = hand_ema(values, decay, rampup)
     for t, value in enumerate(values):
         with torch.no_grad():
             for tensor in [*net.parameters(), net[1].running_mean]:
@@ -415,9 +415,9 @@ def test_the_weight_average_follows_the_warmup_rule_then_the_configured_decay(de
         for tensor in [*average.module.parameters(), average.module[1].running_mean]:
             torch.testing.assert_close(tensor.double(), expected[t].expand_as(tensor), rtol=1e-5, atol=1e-5)
         assert average.module[1].num_batches_tracked.item() == t + 1  # a counter: copied, not averaged
-    # the configured decay, not the warm-up, made the last updates: (1 + n) / (10 + n) > decay from n = 81 on
+    # the configured decay, not the warm-up, made the last updates (0.5 ** (1 / (rampup n)) > decay from then on)
     assert average.decay_after(updates - 1) == decay and average.n_averaged.item() == updates
-    assert average.decay_after(1) == pytest.approx(2 / 11)
+    assert average.decay_after(2) == pytest.approx(0.5 ** (1 / (2 * rampup)))
 
 
 def test_the_gan_averages_its_generator_after_each_step_with_its_configured_decay():
@@ -428,12 +428,13 @@ def test_the_gan_averages_its_generator_after_each_step_with_its_configured_deca
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.weights.append(nn.utils.parameters_to_vector(pl_module.generator.parameters()).detach().clone())
 
-    model = GAN(ema_decay=0.6, **POINTS)  # the warm-up reaches 0.6 after 13 updates: both regimes in 24 batches
+    # the warm-up reaches 0.6 after 28 updates: both regimes in 40 batches
+    model = GAN(ema_decay=0.6, ema_rampup=0.05, **POINTS)
     record = RecordGenerator()
-    trainer(max_epochs=1, limit_val_batches=0, callbacks=[record]).fit(model, loader(mixture(24 * 16), 16))
-    assert len(record.weights) == 24 == model.ema.n_averaged.item()
+    trainer(max_epochs=1, limit_val_batches=0, callbacks=[record]).fit(model, loader(mixture(40 * 16), 16))
+    assert len(record.weights) == 40 == model.ema.n_averaged.item()
     got = nn.utils.parameters_to_vector(model.ema.module.parameters()).double()
-    torch.testing.assert_close(got, hand_ema(record.weights, 0.6)[-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, hand_ema(record.weights, 0.6, rampup=0.05)[-1], rtol=1e-5, atol=1e-6)
 
 
 def test_sampling_validation_test_and_predict_use_the_average_and_use_ema_false_the_raw_generator():
