@@ -2,7 +2,7 @@
 
 python train.py                                   # the default job: VAE on scikit-learn digits, fit + test
 python train.py fit --config configs/vae_digits.yaml --model.latent_dim 32
-python train.py fit --model VAE --data DigitsDataModule --model.img_shape "[1,8,8]"
+python train.py fit --model VAE --data DigitsDataModule --model.data_shape "[1,8,8]"
 python train.py predict --config configs/vae_digits.yaml --ckpt_path runs/.../checkpoints/last.ckpt
 python train.py fit --help                        # every option
 """

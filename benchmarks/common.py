@@ -71,20 +71,21 @@ def _small(shape: tuple[int, int, int]) -> bool:
 def _build_ae(cls: type) -> Callable[[tuple[int, int, int]], L.LightningModule]:
     def build(shape: tuple[int, int, int]) -> L.LightningModule:
         if _small(shape):
-            return cls(latent_dim=8, img_shape=shape, architecture="mlp", hidden_dims=[256, 128])
-        return cls(latent_dim=32, img_shape=shape, architecture="conv", hidden_dims=[32, 64, 128])
+            return cls(latent_dim=8, data_shape=shape, architecture="mlp", hidden_dims=[256, 128])
+        return cls(latent_dim=32, data_shape=shape, architecture="conv", hidden_dims=[32, 64, 128])
 
     return build
 
 
 def _build_flow_vae(shape: tuple[int, int, int]) -> L.LightningModule:
-    return FlowVAE(8 if _small(shape) else 32, num_flows=8, img_shape=shape, architecture="mlp", hidden_dims=[256, 128])
+    latent_dim = 8 if _small(shape) else 32
+    return FlowVAE(latent_dim, num_flows=8, data_shape=shape, architecture="mlp", hidden_dims=[256, 128])
 
 
 def _build_gan(shape: tuple[int, int, int]) -> L.LightningModule:
     small = _small(shape)
     return GAN(
-        32 if small else 100, img_shape=shape, architecture="dcgan", hidden_dims=[32, 64] if small else [64, 128],
+        32 if small else 100, data_shape=shape, architecture="dcgan", hidden_dims=[32, 64] if small else [64, 128],
         lr_g=2e-4, lr_d=2e-4, ema_decay=0.999,
     )  # fmt: skip
 
@@ -101,8 +102,8 @@ def _build_rvae(shape: tuple[int, int, int]) -> L.LightningModule:
 
 def _build_classifier(shape: tuple[int, int, int]) -> L.LightningModule:
     if _small(shape):
-        return Classifier(10, img_shape=shape, feature_dim=64, hidden_dims=(32, 64))
-    return Classifier(10, img_shape=shape, feature_dim=128, hidden_dims=(32, 64, 128))
+        return Classifier(10, data_shape=shape, feature_dim=64, hidden_dims=(32, 64))
+    return Classifier(10, data_shape=shape, feature_dim=128, hidden_dims=(32, 64, 128))
 
 
 def _backward_step(optimizer: Any, loss: torch.Tensor) -> None:

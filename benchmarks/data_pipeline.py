@@ -46,10 +46,10 @@ def main() -> None:
     if Path(args.data_dir).is_dir():
         data, arch = (
             FashionMNISTDataModule(args.data_dir, batch_size=128),
-            dict(architecture="conv", img_shape=(1, 28, 28)),
+            dict(architecture="conv", data_shape=(1, 28, 28)),
         )
     else:
-        data, arch = DigitsDataModule(batch_size=128), dict(architecture="mlp", img_shape=(1, 8, 8))
+        data, arch = DigitsDataModule(batch_size=128), dict(architecture="mlp", data_shape=(1, 8, 8))
     data.setup()
     model = VAE(latent_dim=32, **arch)
     optimizer = model.configure_optimizers()

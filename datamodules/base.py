@@ -91,7 +91,7 @@ class SplitDataModule(L.LightningDataModule):
 class InMemoryImageDataModule(SplitDataModule):
     """Base for image datasets small enough to hold as tensors (no per-sample decoding while training).
 
-    Subclasses set ``img_shape`` and ``num_classes`` and implement ``load()``. Batches are
+    Subclasses set ``data_shape`` and ``num_classes`` and implement ``load()``. Batches are
     ``(images, labels)`` pairs, or images alone when the dataset has no labels.
 
     Args:
@@ -108,7 +108,7 @@ class InMemoryImageDataModule(SplitDataModule):
         num_workers: DataLoader workers; 0 is right for tensors already in memory.
     """
 
-    img_shape: tuple[int, int, int]
+    data_shape: tuple[int, int, int]
     num_classes: int | None = None
 
     def __init__(
@@ -139,7 +139,7 @@ class InMemoryImageDataModule(SplitDataModule):
 
     @property
     def data_spec(self) -> DataSpec:
-        return DataSpec(tuple(self.img_shape), self.value_range, self.num_classes)
+        return DataSpec(tuple(self.data_shape), self.value_range, self.num_classes)
 
     def load(self) -> tuple[Tensor, Tensor | None]:
         """All images as a float tensor (N, C, H, W) with values in [0, 1], and labels (N,) or None.
@@ -196,8 +196,8 @@ class InMemoryImageDataModule(SplitDataModule):
         name = type(self).__name__
         if images.shape[0] == 0:
             raise ValueError(f"{name}: the dataset is empty (no images were loaded)")
-        if images.dim() != 4 or tuple(images.shape[1:]) != tuple(self.img_shape):
-            raise ValueError(f"{name}: images have shape {tuple(images.shape)}, expected (N, {self.img_shape})")
+        if images.dim() != 4 or tuple(images.shape[1:]) != tuple(self.data_shape):
+            raise ValueError(f"{name}: images have shape {tuple(images.shape)}, expected (N, {self.data_shape})")
         if not torch.isfinite(images).all():
             raise ValueError(f"{name}: the images contain NaN or Inf values")
         if images.min() < 0 or images.max() > 1:

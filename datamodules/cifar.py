@@ -49,7 +49,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
     References: Krizhevsky 2009, "Learning multiple layers of features from tiny images".
     """
 
-    img_shape = (3, 32, 32)
+    data_shape = (3, 32, 32)
     num_classes = 10
 
     def __init__(

@@ -18,7 +18,7 @@ class DigitsDataModule(InMemoryImageDataModule):
     References: Alpaydin & Kaynak 1998, UCI optical recognition of handwritten digits.
     """
 
-    img_shape = (1, 8, 8)
+    data_shape = (1, 8, 8)
     num_classes = 10
 
     def load(self) -> tuple[Tensor, Tensor]:

@@ -65,7 +65,7 @@ class MNISTDataModule(InMemoryImageDataModule):
     References: LeCun et al. 1998.
     """
 
-    img_shape = (1, 28, 28)
+    data_shape = (1, 28, 28)
     num_classes = 10
     torchvision_dataset = torchvision.datasets.MNIST
 
@@ -125,7 +125,7 @@ class MNISTDataModule(InMemoryImageDataModule):
                 "then data_dir: /usr/share/datasets/fashion-mnist)"
             )
         images, labels = (read_idx(p) for p in paths)
-        if images.shape[1:] != self.img_shape[1:] or labels.shape != images.shape[:1]:
+        if images.shape[1:] != self.data_shape[1:] or labels.shape != images.shape[:1]:
             raise ValueError(f"{paths[0]}: {tuple(images.shape)} images with {tuple(labels.shape)} labels do not match")
         return images.unsqueeze(1).float() / 255.0, labels.long()
 

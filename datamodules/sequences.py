@@ -206,7 +206,7 @@ class SequentialImageDataModule(SequenceDataModule):
 
     @property
     def data_spec(self) -> DataSpec:
-        _, h, w = self.images.img_shape
+        _, h, w = self.images.data_shape
         return DataSpec((h, w), (0.0, 1.0), None)
 
     def prepare_data(self) -> None:

@@ -27,7 +27,7 @@ class LatentVariableModel(GenerativeModel):
 
     Args:
         latent_dim: size of the code.
-        img_shape: (C, H, W) of the images.
+        data_shape: (C, H, W) of the images.
         value_range: (low, high) of pixel values; the Bernoulli likelihoods need (0, 1).
         architecture: default networks, ``mlp`` or ``conv`` (ignored for injected networks).
         hidden_dims: hidden sizes (mlp) or channels (conv) of the default encoder; the decoder mirrors them.
@@ -46,7 +46,7 @@ class LatentVariableModel(GenerativeModel):
         self,
         latent_dim: int = 16,
         *,
-        img_shape: Sequence[int] = (1, 28, 28),
+        data_shape: Sequence[int] = (1, 28, 28),
         value_range: Sequence[float] = (0.0, 1.0),
         architecture: Architecture = "mlp",
         hidden_dims: Sequence[int] | None = None,
@@ -58,9 +58,9 @@ class LatentVariableModel(GenerativeModel):
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
-        if len(img_shape) != 3:
-            raise ValueError(f"img_shape must be three sizes (C, H, W), got {tuple(img_shape)}")
-        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        if len(data_shape) != 3:
+            raise ValueError(f"data_shape must be three sizes (C, H, W), got {tuple(data_shape)}")
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
         self.save_hyperparameters(ignore=["encoder", "decoder"])
         if not isinstance(latent_dim, int) or latent_dim <= 0:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
@@ -233,7 +233,7 @@ class AE(LatentVariableModel):
         self,
         latent_dim: int = 16,
         *,
-        img_shape: Sequence[int] = (1, 28, 28),
+        data_shape: Sequence[int] = (1, 28, 28),
         value_range: Sequence[float] = (0.0, 1.0),
         architecture: Architecture = "mlp",
         hidden_dims: Sequence[int] | None = None,
@@ -246,7 +246,7 @@ class AE(LatentVariableModel):
         decoder: nn.Module | None = None,
     ) -> None:
         super().__init__(
-            latent_dim, img_shape=img_shape, value_range=value_range, architecture=architecture,
+            latent_dim, data_shape=data_shape, value_range=value_range, architecture=architecture,
             hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
             num_classes=num_classes, lr=lr, compile=compile, encoder=encoder, decoder=decoder,
         )  # fmt: skip

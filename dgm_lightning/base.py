@@ -154,8 +154,8 @@ class GenerativeModel(L.LightningModule):
         if tuple(spec.data_shape) != self.data_shape:
             raise ValueError(
                 f"{name} was built for examples of shape {self.data_shape} but "
-                f"{type(datamodule).__name__} yields {tuple(spec.data_shape)}; set the model's shape to match "
-                f'(for image models: --model.img_shape "{list(spec.data_shape)}")'
+                f"{type(datamodule).__name__} yields {tuple(spec.data_shape)}; set the model's data_shape to match "
+                f'(--model.data_shape "{list(spec.data_shape)}")'
             )
         if tuple(spec.value_range) != self.value_range:
             raise ValueError(
@@ -224,7 +224,7 @@ class GenerativeModel(L.LightningModule):
         if x.dim() == 0 or tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(
                 f"{type(self).__name__} expects {what} of shape (B, {', '.join(map(str, self.data_shape))}) "
-                f"but got {tuple(x.shape)}; set the model's shape (img_shape for image models) to match the data"
+                f"but got {tuple(x.shape)}; set the model's data_shape to match the data"
             )
 
     def check_batch(self, x: Tensor, labels: Tensor | None = None, *, mask: Tensor | None = None) -> None:

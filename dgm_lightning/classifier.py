@@ -22,7 +22,7 @@ class Classifier(GenerativeModel):
 
     Args:
         num_classes: number of classes.
-        img_shape: (C, H, W) of the images.
+        data_shape: (C, H, W) of the images.
         value_range: (low, high) of pixel values.
         feature_dim: size of the penultimate layer (the features).
         hidden_dims: channels of the stride-2 convolutions.
@@ -36,14 +36,14 @@ class Classifier(GenerativeModel):
         self,
         num_classes: int = 10,
         *,
-        img_shape: Sequence[int] = (1, 28, 28),
+        data_shape: Sequence[int] = (1, 28, 28),
         value_range: Sequence[float] = (0.0, 1.0),
         feature_dim: int = 128,
         hidden_dims: Sequence[int] = (32, 64, 128),
         lr: float = 1e-3,
         compile: bool = False,
     ) -> None:
-        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
         self.save_hyperparameters()
         check_positive(feature_dim=feature_dim, lr=lr)
         self.lr = lr

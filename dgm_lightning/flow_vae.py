@@ -39,7 +39,7 @@ class FlowVAE(VAE):
         latent_dim: int = 16,
         *,
         num_flows: int = 4,
-        img_shape: Sequence[int] = (1, 28, 28),
+        data_shape: Sequence[int] = (1, 28, 28),
         value_range: Sequence[float] = (0.0, 1.0),
         architecture: Architecture = "mlp",
         hidden_dims: Sequence[int] | None = None,
@@ -57,7 +57,7 @@ class FlowVAE(VAE):
             raise ValueError(f"num_flows must be an integer >= 0, got {num_flows!r}")
         self.num_flows = num_flows  # read by encoder_out_dim while the base class builds the encoder
         super().__init__(
-            latent_dim, img_shape=img_shape, value_range=value_range, architecture=architecture,
+            latent_dim, data_shape=data_shape, value_range=value_range, architecture=architecture,
             hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
             num_classes=num_classes, beta=beta, free_bits=0.0, iwae_samples=iwae_samples, lr=lr,
             compile=compile, encoder=encoder, decoder=decoder,

@@ -51,11 +51,11 @@ class GAN(GenerativeModel):
 
     Args:
         latent_dim: size of the latent noise z ~ N(0, I).
-        img_shape: (C, H, W) of the images, or (D,) for vector data such as 2D points (``mlp`` nets only).
+        data_shape: (C, H, W) of the images, or (D,) for vector data such as 2D points (``mlp`` nets only).
         value_range: (low, high) of the data; the default generators end in tanh mapped onto it (images).
         architecture: default nets, ``mlp`` or ``dcgan`` (ignored for injected nets).
         hidden_dims: hidden sizes (mlp) or channels (dcgan, one stride-2 layer each) of the discriminator; the
-            generator mirrors them. None picks sizes that suit ``img_shape``.
+            generator mirrors them. None picks sizes that suit ``data_shape``.
         num_classes: class-conditional GAN: the generator sees one-hot labels appended to z, the default
             discriminator is a projection discriminator.
         loss: ``non_saturating`` (DCGAN), ``minimax``, ``least_squares``, ``wasserstein`` or ``hinge``.
@@ -81,8 +81,8 @@ class GAN(GenerativeModel):
         noise_seed: seed of the training noise streams; None takes ``torch.initial_seed()`` (set by
             ``seed_everything``).
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
-        generator: your own generator: (B, latent_dim [+ num_classes]) -> (B, *img_shape).
-        discriminator: your own discriminator: (B, *img_shape) -> raw scores (B,) or (B, 1); called as
+        generator: your own generator: (B, latent_dim [+ num_classes]) -> (B, *data_shape).
+        discriminator: your own discriminator: (B, *data_shape) -> raw scores (B,) or (B, 1); called as
             ``discriminator(x, labels)`` when ``num_classes`` is set.
 
     References: Goodfellow et al. 2014, arXiv:1406.2661; DCGAN, Radford et al. 2015, arXiv:1511.06434;
@@ -103,7 +103,7 @@ class GAN(GenerativeModel):
         self,
         latent_dim: int = 64,
         *,
-        img_shape: Sequence[int] = (1, 28, 28),
+        data_shape: Sequence[int] = (1, 28, 28),
         value_range: Sequence[float] = (-1.0, 1.0),
         architecture: Literal["mlp", "dcgan"] = "dcgan",
         hidden_dims: Sequence[int] | None = None,
@@ -133,9 +133,9 @@ class GAN(GenerativeModel):
         generator: nn.Module | None = None,
         discriminator: nn.Module | None = None,
     ) -> None:
-        if len(img_shape) not in (1, 3):
-            raise ValueError(f"img_shape must be (C, H, W) for images or (D,) for vectors, got {tuple(img_shape)}")
-        super().__init__(data_shape=img_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        if len(data_shape) not in (1, 3):
+            raise ValueError(f"data_shape must be (C, H, W) for images or (D,) for vectors, got {tuple(data_shape)}")
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
         self.save_hyperparameters(
             ignore=["generator", "discriminator", "optimizer_g", "optimizer_d", "scheduler_g", "scheduler_d"]
         )

@@ -40,7 +40,7 @@ class VAE(LatentVariableModel):
         self,
         latent_dim: int = 16,
         *,
-        img_shape: Sequence[int] = (1, 28, 28),
+        data_shape: Sequence[int] = (1, 28, 28),
         value_range: Sequence[float] = (0.0, 1.0),
         architecture: Architecture = "mlp",
         hidden_dims: Sequence[int] | None = None,
@@ -56,7 +56,7 @@ class VAE(LatentVariableModel):
         decoder: nn.Module | None = None,
     ) -> None:
         super().__init__(
-            latent_dim, img_shape=img_shape, value_range=value_range, architecture=architecture,
+            latent_dim, data_shape=data_shape, value_range=value_range, architecture=architecture,
             hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
             num_classes=num_classes, lr=lr, compile=compile, encoder=encoder, decoder=decoder,
         )  # fmt: skip

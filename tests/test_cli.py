@@ -60,7 +60,7 @@ def test_default_job_trains_a_vae_clearly_better_than_at_initialisation(default_
             return model.eval().loss_terms(x, None)[0]["elbo"].item()
 
     trained = test_elbo(VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True))
-    untrained = test_elbo(VAE(latent_dim=8, img_shape=(1, 8, 8), hidden_dims=[256, 128]))
+    untrained = test_elbo(VAE(latent_dim=8, data_shape=(1, 8, 8), hidden_dims=[256, 128]))
     # seen: -44.6 nats per image at initialisation, -24.5 after the default job
     assert trained > untrained + 15, (untrained, trained)
 
@@ -108,7 +108,7 @@ def test_predict_from_the_checkpoint_writes_samples(default_job):
 
 
 def test_model_and_data_by_class_name_with_another_logger_and_two_runs_in_one_folder():
-    args = ["fit", "--model", "AE", "--data", "DigitsDataModule", "--model.img_shape", "[1,8,8]", *QUIET]
+    args = ["fit", "--model", "AE", "--data", "DigitsDataModule", "--model.data_shape", "[1,8,8]", *QUIET]
     args += ["--trainer.max_epochs", "1", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"]
     main(args)
     main(args)
@@ -158,7 +158,7 @@ def test_unknown_or_mistyped_flags_exit_with_jsonargparse_message(flags, message
     [
         (["--model.latent_dim", "0"], "latent_dim must be a positive integer"),
         (["--model.beta", "-1"], "beta must be >= 0"),
-        (["--model.img_shape", "[1,28,28]"], r"built for examples of shape \(1, 28, 28\)"),
+        (["--model.data_shape", "[1,28,28]"], r"built for examples of shape \(1, 28, 28\)"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(flags, message):

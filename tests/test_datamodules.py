@@ -141,7 +141,7 @@ def test_bad_arguments_raise(kwargs, match):
 class Loaded(InMemoryImageDataModule):
     """A DataModule serving whatever tensors it is given."""
 
-    img_shape = (1, 8, 8)
+    data_shape = (1, 8, 8)
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -262,7 +262,7 @@ def test_binarized_evaluation_splits_are_drawn_once_with_the_split_seed(kind, tm
     write_idx_files(tmp_path, n_train=64, n_test=32)
     dm = image_data(kind, tmp_path)
     recorder = ValidationBatches()
-    model = VAE(latent_dim=2, img_shape=dm.img_shape, hidden_dims=[8])
+    model = VAE(latent_dim=2, data_shape=dm.data_shape, hidden_dims=[8])
     trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=2, callbacks=[recorder]).fit(model, datamodule=dm)
     # what the model is validated on: binary, and the same images in every epoch
     first, second = (torch.cat(batches) for batches in recorder.epochs)

@@ -41,7 +41,7 @@ class FrozenEncoder(nn.Module):
 
 
 def frozen_ae() -> AE:
-    return AE(latent_dim=2, img_shape=(1, 8, 8), hidden_dims=[16], encoder=FrozenEncoder())
+    return AE(latent_dim=2, data_shape=(1, 8, 8), hidden_dims=[16], encoder=FrozenEncoder())
 
 
 # -- point 3: an AE trained without validation data --------------------------------------------------
@@ -131,7 +131,7 @@ def test_under_ddp_the_training_codes_of_every_rank_make_one_fit(tmp_path):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.5, 2.0])
 def test_vae_sample_scales_the_prior_noise_by_the_temperature(temperature):
-    model = VAE(latent_dim=3, img_shape=(1, 8, 8), hidden_dims=[16], likelihood="gaussian").eval()
+    model = VAE(latent_dim=3, data_shape=(1, 8, 8), hidden_dims=[16], likelihood="gaussian").eval()
     # a prior other than N(0, I), so that its mean and scale both show in the hand computation
     model.prior_loc.copy_(torch.tensor([0.5, -1.0, 2.0]))
     model.prior_scale.copy_(torch.tensor([1.0, 0.5, 2.0]))
@@ -149,12 +149,12 @@ def test_vae_sample_scales_the_prior_noise_by_the_temperature(temperature):
 
 
 def test_sampling_at_temperature_zero_decodes_the_prior_mean_and_the_ae_code_mean():
-    vae = VAE(latent_dim=3, img_shape=(1, 8, 8), hidden_dims=[16]).eval()
+    vae = VAE(latent_dim=3, data_shape=(1, 8, 8), hidden_dims=[16]).eval()
     vae.prior_loc.copy_(torch.tensor([0.5, -1.0, 2.0]))
     with torch.no_grad():
         mode = torch.sigmoid(vae.decoder(vae.prior_loc[None]))  # the Bernoulli mean of the decoder's logits
     torch.testing.assert_close(vae.sample(5, temperature=0.0), mode.expand(5, -1, -1, -1))
-    ae = AE(latent_dim=3, img_shape=(1, 8, 8), hidden_dims=[16]).eval()
+    ae = AE(latent_dim=3, data_shape=(1, 8, 8), hidden_dims=[16]).eval()
     ae.fit_code_gaussian(torch.tensor([3.0, -4.0, 1.0]), 0.25 * torch.eye(3))
     with torch.no_grad():
         mode = torch.sigmoid(ae.decoder(ae.code_mean[None]))
@@ -176,13 +176,13 @@ def test_a_cut_cifar_batch_is_named_with_how_to_get_it_again(tmp_path):
 
 # -- point 14: the progress bar shows the main objective ------------------------------------------------
 
-DIGITS = dict(img_shape=(1, 8, 8), hidden_dims=[8])
+DIGITS = dict(data_shape=(1, 8, 8), hidden_dims=[8])
 FAMILIES = {  # a tiny model of every family, its data, and the terms its progress bar shows
     "AE": (lambda: AE(latent_dim=2, **DIGITS), "digits", ("loss",)),
     "VAE": (lambda: VAE(latent_dim=2, **DIGITS), "digits", ("loss",)),
     "FlowVAE": (lambda: FlowVAE(latent_dim=2, num_flows=1, **DIGITS), "digits", ("loss",)),
     "GAN": (
-        lambda: GAN(4, img_shape=(1, 8, 8), value_range=(-1.0, 1.0), architecture="mlp", hidden_dims=[8]),
+        lambda: GAN(4, data_shape=(1, 8, 8), value_range=(-1.0, 1.0), architecture="mlp", hidden_dims=[8]),
         "digits (-1, 1)",
         ("d_loss", "g_loss"),
     ),
@@ -192,7 +192,7 @@ FAMILIES = {  # a tiny model of every family, its data, and the terms its progre
         ("nll",),
     ),
     "RecurrentVAE": (lambda: RecurrentVAE(2, likelihood="bernoulli", hidden_dim=8, embedding_dim=4), "rows", ("loss",)),
-    "Classifier": (lambda: Classifier(10, img_shape=(1, 8, 8), feature_dim=4, hidden_dims=(4,)), "digits", ("loss",)),
+    "Classifier": (lambda: Classifier(10, data_shape=(1, 8, 8), feature_dim=4, hidden_dims=(4,)), "digits", ("loss",)),
 }
 
 

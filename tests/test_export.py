@@ -13,15 +13,15 @@ from dgm_lightning import AE, GAN, VAE, Classifier, Flow, FlowVAE, RecurrentVAE
 from dgm_lightning.export import METADATA_FILE, export_sampler
 from dgm_lightning.vocabulary import SPECIALS
 
-IMAGES = dict(img_shape=(1, 8, 8), hidden_dims=[16])
+IMAGES = dict(data_shape=(1, 8, 8), hidden_dims=[16])
 
 MODELS = {
     "VAE": lambda: VAE(4, **IMAGES),
     "conditional VAE": lambda: VAE(4, num_classes=3, **IMAGES),
     "AE": lambda: AE(4, **IMAGES),
     "FlowVAE": lambda: FlowVAE(4, num_flows=2, **IMAGES),
-    "GAN (EMA)": lambda: GAN(8, img_shape=(2,), architecture="mlp", hidden_dims=[16]),
-    "conditional GAN": lambda: GAN(8, img_shape=(1, 8, 8), architecture="mlp", hidden_dims=[16], num_classes=3),
+    "GAN (EMA)": lambda: GAN(8, data_shape=(2,), architecture="mlp", hidden_dims=[16]),
+    "conditional GAN": lambda: GAN(8, data_shape=(1, 8, 8), architecture="mlp", hidden_dims=[16], num_classes=3),
     "Glow": lambda: Flow(
         "glow", data_shape=(1, 8, 8), num_scales=1, num_steps=1, hidden_channels=8, quantization_levels=17
     ),  # fmt: skip
@@ -80,7 +80,7 @@ def test_from_noise_is_what_sample_draws():
 
 
 def test_loading_the_program_needs_only_torch(tmp_path):
-    model = _perturbed(GAN(8, img_shape=(2,), architecture="mlp", hidden_dims=[16])).eval()
+    model = _perturbed(GAN(8, data_shape=(2,), architecture="mlp", hidden_dims=[16])).eval()
     export_sampler(model, tmp_path)
     noise = torch.randn(4, 8)
     torch.save(noise, tmp_path / "noise.pt")
@@ -109,7 +109,7 @@ def test_the_token_model_writes_its_vocabulary_beside_the_program(tmp_path):
 
 def test_a_model_without_a_sampler_is_refused(tmp_path):
     with pytest.raises(TypeError, match="Classifier does not generate samples"):
-        export_sampler(Classifier(img_shape=(1, 8, 8), hidden_dims=[8]), tmp_path)
+        export_sampler(Classifier(data_shape=(1, 8, 8), hidden_dims=[8]), tmp_path)
 
 
 def test_export_from_the_command_line(tmp_path):

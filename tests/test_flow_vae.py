@@ -14,7 +14,7 @@ from datamodules import DigitsDataModule
 from dgm_lightning import VAE, FlowVAE
 from tests.helpers import images, trainer
 
-DIGITS = dict(img_shape=(1, 8, 8), hidden_dims=[32])
+DIGITS = dict(data_shape=(1, 8, 8), hidden_dims=[32])
 
 
 def test_with_zero_flows_it_is_the_vae():
@@ -34,7 +34,7 @@ def test_with_zero_flows_it_is_the_vae():
 
 def test_the_iwae_estimate_is_a_valid_bound_on_the_exact_marginal_likelihood():
     """One latent dimension: log p(x) by quadrature. IWAE must approach it from below as samples grow."""
-    model = FlowVAE(latent_dim=1, num_flows=3, img_shape=(1, 2, 2), hidden_dims=[8], likelihood="gaussian",
+    model = FlowVAE(latent_dim=1, num_flows=3, data_shape=(1, 2, 2), hidden_dims=[8], likelihood="gaussian",
                     gaussian_scale=0.5).double()  # fmt: skip
     last = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():  # w of each flow away from 0, where planar flows shift by about 1 / |w| (huge in 1D)

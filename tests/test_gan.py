@@ -19,7 +19,7 @@ from tests.helpers import trainer
 
 REPO = Path(__file__).resolve().parent.parent
 # the mixtures below lie within (-2, 2); the value range is checked on the batches that reach the model
-POINTS = dict(img_shape=(2,), value_range=(-2.0, 2.0), architecture="mlp", hidden_dims=[32, 32], latent_dim=4)
+POINTS = dict(data_shape=(2,), value_range=(-2.0, 2.0), architecture="mlp", hidden_dims=[32, 32], latent_dim=4)
 
 
 def mixture(n: int, seed: int = 0) -> torch.Tensor:
@@ -121,7 +121,7 @@ def test_global_step_advances_once_per_optimizer_step():
 def test_training_moves_samples_towards_a_2d_mixture():
     data = mixture(2048)
     model = GAN(
-        img_shape=(2,), value_range=(-2.0, 2.0), architecture="mlp", hidden_dims=[64, 64], latent_dim=8, loss="hinge",
+        data_shape=(2,), value_range=(-2.0, 2.0), architecture="mlp", hidden_dims=[64, 64], latent_dim=8, loss="hinge",
         spectral_norm=True,
         lr_g=5e-4, lr_d=1e-3, betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), ema_decay=None,
     )  # fmt: skip
@@ -191,7 +191,7 @@ def test_ema_is_used_for_sampling_and_survives_a_checkpoint(tmp_path):
 
 
 def test_conditional_gan_samples_the_asked_classes_and_checks_labels():
-    model = GAN(latent_dim=8, img_shape=(1, 8, 8), hidden_dims=[8, 16], num_classes=3)
+    model = GAN(latent_dim=8, data_shape=(1, 8, 8), hidden_dims=[8, 16], num_classes=3)
     images = torch.rand(64, 1, 8, 8) * 2 - 1
     data = loader(images, 32, torch.arange(64) % 3)
     t = trainer(max_epochs=1)
@@ -220,16 +220,16 @@ def test_conditional_gan_samples_the_asked_classes_and_checks_labels():
 
 def test_every_architecture_fits_the_image_sizes():
     for shape in [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]:
-        model = GAN(latent_dim=8, img_shape=shape, gp_weight=10.0)
+        model = GAN(latent_dim=8, data_shape=shape, gp_weight=10.0)
         assert model.sample(2).shape == (2, *shape)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in model.discriminator.modules())
-    assert any(isinstance(m, nn.BatchNorm2d) for m in GAN(latent_dim=8, img_shape=(1, 28, 28)).discriminator.modules())
-    unit = GAN(latent_dim=8, img_shape=(1, 28, 28), value_range=(0.0, 1.0)).sample(64)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in GAN(latent_dim=8, data_shape=(1, 28, 28)).discriminator.modules())
+    unit = GAN(latent_dim=8, data_shape=(1, 28, 28), value_range=(0.0, 1.0)).sample(64)
     assert unit.min() >= 0 and unit.max() <= 1  # tanh mapped onto the data's value range
     with pytest.raises(ValueError, match="divisible by 8"):
-        GAN(img_shape=(1, 28, 28), hidden_dims=[8, 8, 8])
+        GAN(data_shape=(1, 28, 28), hidden_dims=[8, 8, 8])
     with pytest.raises(ValueError, match="use mlp"):
-        GAN(img_shape=(2,), architecture="dcgan")
+        GAN(data_shape=(2,), architecture="dcgan")
 
 
 def test_schedulers_step_once_per_epoch_and_clipping_bounds_each_update():
@@ -603,7 +603,7 @@ def test_a_gan_recipe_with_generative_metrics_checkpoints_on_the_lowest_val_fid(
     from dgm_lightning import Classifier
 
     classifier_trainer = trainer(max_steps=1, limit_val_batches=0)
-    classifier_trainer.fit(Classifier(10, img_shape=(1, 8, 8), feature_dim=16, hidden_dims=(8, 16)),
+    classifier_trainer.fit(Classifier(10, data_shape=(1, 8, 8), feature_dim=16, hidden_dims=(8, 16)),
                            loader(torch.rand(8, 1, 8, 8), 8, torch.arange(8)))  # fmt: skip
     classifier_trainer.save_checkpoint(tmp_path / "classifier.ckpt")
     L.seed_everything(0)
@@ -631,7 +631,7 @@ def test_the_average_samples_with_the_batch_norm_statistics_of_its_own_weights()
     raw generator's statistics, which do not belong to those weights; recomputed whenever the weights moved."""
     from torch.optim.swa_utils import update_bn
 
-    model = GAN(8, img_shape=(1, 8, 8), hidden_dims=[8, 16], ema_decay=0.5)
+    model = GAN(8, data_shape=(1, 8, 8), hidden_dims=[8, 16], ema_decay=0.5)
     generator_bn = [m for m in model.generator.modules() if isinstance(m, nn.BatchNorm2d)]
     assert generator_bn  # the default DCGAN generator has batch norm
     with torch.no_grad():

@@ -41,7 +41,7 @@ class RecordingGAN(GAN):
 if __name__ == "__main__":
     L.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
-    model = RecordingGAN(img_shape=(2,), architecture="mlp", hidden_dims=[16], latent_dim=4, loss="wasserstein",
+    model = RecordingGAN(data_shape=(2,), architecture="mlp", hidden_dims=[16], latent_dim=4, loss="wasserstein",
                          gp_weight=1.0, n_critic=2, ema_decay=0.9)
     initial = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
     data = DataLoader(TensorDataset(torch.rand(256, 2) * 2 - 1), batch_size=32)  # the default value_range (-1, 1)

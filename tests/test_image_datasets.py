@@ -68,7 +68,7 @@ def test_a_flat_grey_folder_trains_a_model(tmp_path):
         val_fraction=0.2, test_fraction=0.2,
     )  # fmt: skip
     assert dm.data_spec.num_classes is None and dm.data_spec.data_shape == (1, 8, 8)
-    model = VAE(latent_dim=2, img_shape=(1, 8, 8), value_range=(-1.0, 1.0), likelihood="gaussian", hidden_dims=[8])
+    model = VAE(latent_dim=2, data_shape=(1, 8, 8), value_range=(-1.0, 1.0), likelihood="gaussian", hidden_dims=[8])
     t = trainer(max_epochs=1)
     t.fit(model, datamodule=dm)
     images = torch.stack([dm.splits["train"][i][0] for i in range(len(dm.splits["train"]))])

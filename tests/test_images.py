@@ -25,7 +25,7 @@ class RecordingLogger(CSVLogger):
 
 
 def test_grids_are_saved_as_pngs_and_handed_to_loggers_that_take_images(tmp_path):
-    model = VAE(latent_dim=3, img_shape=(1, 8, 8), hidden_dims=[16])
+    model = VAE(latent_dim=3, data_shape=(1, 8, 8), hidden_dims=[16])
     logger = RecordingLogger(tmp_path)
     steps = 5
     callback = ImageLogger(num_samples=16, num_reconstructions=4, num_interpolations=2, interpolation_steps=steps)
@@ -45,7 +45,7 @@ def test_grids_are_saved_as_pngs_and_handed_to_loggers_that_take_images(tmp_path
 
 
 def test_traversals_sweep_one_latent_dimension_per_row():
-    model = VAE(latent_dim=4, img_shape=(1, 8, 8), hidden_dims=[16])
+    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[16])
     callback = ImageLogger(num_traversal_dims=2, interpolation_steps=3)
     decoded = []
     model.decode = lambda z, labels=None: decoded.append(z) or torch.zeros(len(z), 1, 8, 8)
@@ -64,7 +64,7 @@ def test_drawing_does_not_change_training(tmp_path):
 
     def fit(callbacks) -> VAE:
         L.seed_everything(0, verbose=False)
-        model = VAE(latent_dim=3, img_shape=(1, 8, 8), hidden_dims=[16])
+        model = VAE(latent_dim=3, data_shape=(1, 8, 8), hidden_dims=[16])
         trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=callbacks).fit(model, loader, loader)
         return model
 
@@ -84,4 +84,4 @@ def test_image_logger_on_a_model_that_does_not_sample_says_so():
     from dgm_lightning import Classifier
 
     with pytest.raises(TypeError, match="Classifier has no sample"):
-        trainer(max_epochs=1, callbacks=[ImageLogger()]).fit(Classifier(img_shape=(1, 8, 8)), DigitsDataModule())
+        trainer(max_epochs=1, callbacks=[ImageLogger()]).fit(Classifier(data_shape=(1, 8, 8)), DigitsDataModule())

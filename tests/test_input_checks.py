@@ -21,7 +21,7 @@ NAN, INF = float("nan"), float("inf")
 
 def build(family: str, **kwargs) -> L.LightningModule:
     """A tiny model of a family; kwargs replace its settings."""
-    small = dict(latent_dim=2, img_shape=IMG, hidden_dims=[8])
+    small = dict(latent_dim=2, data_shape=IMG, hidden_dims=[8])
     builders = {
         "ae": lambda: AE(**{**small, **kwargs}),
         "vae": lambda: VAE(**{**small, **kwargs}),
@@ -30,7 +30,7 @@ def build(family: str, **kwargs) -> L.LightningModule:
             "realnvp", **{"data_shape": IMG, "num_scales": 1, "num_steps": 1, "hidden_channels": 4, **kwargs}
         ),
         "gan": lambda: GAN(**{**small, "architecture": "mlp", **kwargs}),
-        "classifier": lambda: Classifier(**{"num_classes": 3, "img_shape": IMG, "hidden_dims": (4,), **kwargs}),
+        "classifier": lambda: Classifier(**{"num_classes": 3, "data_shape": IMG, "hidden_dims": (4,), **kwargs}),
         "rvae": lambda: RecurrentVAE(
             **{"likelihood": "bernoulli", "input_dim": FEATURES, "latent_dim": 2, "hidden_dim": 8, **kwargs}
         ),

@@ -32,7 +32,7 @@ def digits():
 @pytest.fixture(scope="module")
 def classifier_checkpoint(digits, tmp_path_factory):
     folder = tmp_path_factory.mktemp("classifier")
-    model = Classifier(10, img_shape=(1, 8, 8), feature_dim=32, hidden_dims=[16, 32])
+    model = Classifier(10, data_shape=(1, 8, 8), feature_dim=32, hidden_dims=[16, 32])
     t = trainer(max_epochs=8, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=folder, save_last=True)])
     t.fit(model, datamodule=digits)
     (result,) = t.test(model, datamodule=digits, verbose=False)
@@ -104,7 +104,7 @@ def test_callback_logs_fid_kid_is_while_training_and_testing(digits, classifier_
         metrics=["fid", "kid", "is"], classifier_checkpoint=str(classifier_checkpoint[0]),
         num_samples=150, batch_size=64, kid_subset_size=50,
     )  # fmt: skip
-    model = VAE(latent_dim=4, img_shape=(1, 8, 8), hidden_dims=[64])
+    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[64])
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     t = trainer(max_epochs=3, enable_checkpointing=True, callbacks=[metrics, checkpoint])
     t.fit(model, datamodule=digits)
@@ -152,7 +152,7 @@ def test_callback_fid_is_zero_for_the_real_images_and_large_for_noise_and_is_mat
     metrics = GenerativeMetrics(
         metrics=["fid", "is"], classifier_checkpoint=str(classifier_checkpoint[0]), num_samples=150, batch_size=64
     )
-    model = VAE(latent_dim=4, img_shape=(1, 8, 8), hidden_dims=[16])
+    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[16])
     real = unit_images(digits, "val")[:150]  # the callback's real images: the first 150 of the validation loader
     noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0))
     classifier = Classifier.load_from_checkpoint(classifier_checkpoint[0], weights_only=True)
@@ -179,7 +179,7 @@ def test_samples_improve_fid_over_an_untrained_model(digits, classifier_checkpoi
     metrics = GenerativeMetrics(
         classifier_checkpoint=str(classifier_checkpoint[0]), num_samples=180, kid_subset_size=50
     )
-    model = VAE(latent_dim=8, img_shape=(1, 8, 8), hidden_dims=[128])
+    model = VAE(latent_dim=8, data_shape=(1, 8, 8), hidden_dims=[128])
     t = trainer(max_epochs=1, limit_train_batches=0, callbacks=[metrics])
     (before,) = t.test(model, datamodule=digits, verbose=False)
     trainer(max_epochs=10).fit(model, datamodule=digits)
@@ -198,7 +198,7 @@ def test_too_few_samples_fail_clearly(digits, classifier_checkpoint):
     )
     with pytest.raises(ValueError, match="only 180 real images.*fewer than kid_subset_size=400"):
         trainer(max_epochs=1, limit_train_batches=1, callbacks=[metrics]).fit(
-            VAE(img_shape=(1, 8, 8)), datamodule=digits
+            VAE(data_shape=(1, 8, 8)), datamodule=digits
         )
 
 
@@ -226,7 +226,7 @@ trainer = L.Trainer(
     accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2, logger=False,
     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[metrics],
 )
-trainer.fit(VAE(img_shape=(1, 8, 8), latent_dim=4, hidden_dims=[16]), datamodule=DigitsDataModule())
+trainer.fit(VAE(data_shape=(1, 8, 8), latent_dim=4, hidden_dims=[16]), datamodule=DigitsDataModule())
 print(f"rank {trainer.global_rank} fid {trainer.callback_metrics['val/fid'].item():.6f}", flush=True)
 """
 

@@ -17,7 +17,7 @@ from datamodules import DigitsDataModule
 from dgm_lightning import AE, VAE
 from tests.helpers import images, trainer
 
-DIGITS = dict(img_shape=(1, 8, 8), hidden_dims=[32])
+DIGITS = dict(data_shape=(1, 8, 8), hidden_dims=[32])
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_loss_falls_on_a_fixed_batch(model_cls, digits):
 
 
 def test_vae_test_elbo_improves_clearly_over_initialisation(digits):
-    model = VAE(latent_dim=8, img_shape=(1, 8, 8), hidden_dims=[128])
+    model = VAE(latent_dim=8, data_shape=(1, 8, 8), hidden_dims=[128])
     t = trainer(max_epochs=8)
     (before,) = t.test(model, datamodule=digits, verbose=False)
     t.fit(model, datamodule=digits)
@@ -93,7 +93,7 @@ def test_vae_test_elbo_improves_clearly_over_initialisation(digits):
 def test_iwae_estimate_matches_the_exact_marginal_likelihood_of_a_1d_latent_model():
     """With one latent dimension, log p(x) = log ∫ p(x|z) p(z) dz is computable by quadrature."""
     torch.manual_seed(0)
-    model = VAE(latent_dim=1, img_shape=(1, 2, 2), hidden_dims=[8], likelihood="gaussian", gaussian_scale=0.5).double()
+    model = VAE(latent_dim=1, data_shape=(1, 2, 2), hidden_dims=[8], likelihood="gaussian", gaussian_scale=0.5).double()
     x = torch.rand(4, 1, 2, 2, dtype=torch.float64)
     z = torch.linspace(-10, 10, 20001, dtype=torch.float64)[:, None]
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_iwae_estimate_matches_the_exact_marginal_likelihood_of_a_1d_latent_mode
 
 
 def test_conditional_vae_uses_its_labels(digits):
-    model = VAE(latent_dim=2, num_classes=10, img_shape=(1, 8, 8), hidden_dims=[128])
+    model = VAE(latent_dim=2, num_classes=10, data_shape=(1, 8, 8), hidden_dims=[128])
     trainer(max_epochs=10).fit(model, datamodule=digits)
     x, y = next(iter(digits.test_dataloader()))
     right = model.log_prob(x, labels=y, num_samples=16).mean()
@@ -154,7 +154,7 @@ class TinyEncoder(nn.Module):
 
 def test_injected_networks_are_used_and_not_stored_as_hyperparameters():
     encoder, decoder = TinyEncoder(2 * 5), nn.Sequential(nn.Linear(5, 64), nn.Unflatten(1, (1, 8, 8)))
-    model = VAE(latent_dim=5, img_shape=(1, 8, 8), encoder=encoder, decoder=decoder)
+    model = VAE(latent_dim=5, data_shape=(1, 8, 8), encoder=encoder, decoder=decoder)
     assert model.encoder is encoder and model.decoder is decoder
     assert "encoder" not in model.hparams and "decoder" not in model.hparams
     before = encoder.net[1].weight.clone()
@@ -164,7 +164,7 @@ def test_injected_networks_are_used_and_not_stored_as_hyperparameters():
 
 
 def test_an_encoder_with_the_wrong_output_size_is_named_in_the_error():
-    model = VAE(latent_dim=5, img_shape=(1, 8, 8), encoder=TinyEncoder(5))
+    model = VAE(latent_dim=5, data_shape=(1, 8, 8), encoder=TinyEncoder(5))
     with pytest.raises(ValueError, match=r"encoder must output shape \(B, 10\) for latent_dim=5"):
         model.encode(images(2))
 
@@ -180,23 +180,23 @@ def test_an_encoder_with_the_wrong_output_size_is_named_in_the_error():
         ({"likelihood": "poisson"}, "choose one of: bernoulli, continuous_bernoulli, gaussian, gaussian_learned"),
         ({"architecture": "resnet"}, "choose one of: mlp, conv"),
         ({"value_range": (-1.0, 1.0)}, "bernoulli likelihood models pixels in"),
-        ({"img_shape": (8, 8)}, "img_shape must be three sizes"),
-        ({"img_shape": (1, 0, 8)}, "must be positive sizes"),
+        ({"data_shape": (8, 8)}, "data_shape must be three sizes"),
+        ({"data_shape": (1, 0, 8)}, "must be positive sizes"),
         ({"num_classes": 1}, "num_classes must be >= 2"),
     ],
 )
 def test_bad_constructor_arguments_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        VAE(**{"img_shape": (1, 8, 8), **kwargs})
+        VAE(**{"data_shape": (1, 8, 8), **kwargs})
 
 
 @pytest.mark.parametrize(
-    "img_shape, message",
+    "data_shape, message",
     [((1, 28, 28), r"built for examples of shape \(1, 28, 28\).*yields \(1, 8, 8\)"), ((3, 8, 8), r"\(3, 8, 8\)")],
 )
-def test_a_model_that_does_not_fit_the_datamodule_fails_before_training(img_shape, message, digits):
+def test_a_model_that_does_not_fit_the_datamodule_fails_before_training(data_shape, message, digits):
     with pytest.raises(ValueError, match=message):
-        trainer(fast_dev_run=True).fit(VAE(img_shape=img_shape), datamodule=digits)
+        trainer(fast_dev_run=True).fit(VAE(data_shape=data_shape), datamodule=digits)
 
 
 def test_a_batch_of_the_wrong_shape_is_named():
@@ -251,7 +251,7 @@ def test_resuming_from_a_checkpoint_reproduces_an_uninterrupted_run(digits, tmp_
 
     def run(max_epochs: int, ckpt_path=None, folder=tmp_path / "a") -> tuple[VAE, L.Trainer]:
         L.seed_everything(0, verbose=False)
-        model = VAE(latent_dim=3, img_shape=(1, 8, 8), hidden_dims=[32], free_bits=0.1)
+        model = VAE(latent_dim=3, data_shape=(1, 8, 8), hidden_dims=[32], free_bits=0.1)
         callbacks = [
             ParameterSchedule("beta", "cyclical", num_steps=30),
             ModelCheckpoint(dirpath=folder, save_last=True),

@@ -151,7 +151,7 @@ class Recorder(Callback):
 
 
 def _vae() -> VAE:
-    return VAE(latent_dim=2, img_shape=(1, 8, 8), hidden_dims=[16])
+    return VAE(latent_dim=2, data_shape=(1, 8, 8), hidden_dims=[16])
 
 
 def _loader() -> DataLoader:

@@ -90,6 +90,6 @@ def test_image_models_still_get_image_grids_not_density_panels():
     logger = ImageLogger(num_samples=4, num_reconstructions=2, num_interpolations=1, interpolation_steps=3)
     logger._inputs = (torch.rand(2, 1, 8, 8), None)
     with torch.no_grad():
-        grids = logger.grids(VAE(latent_dim=2, img_shape=(1, 8, 8), hidden_dims=[8]))
+        grids = logger.grids(VAE(latent_dim=2, data_shape=(1, 8, 8), hidden_dims=[8]))
     assert set(grids) == {"samples", "reconstructions", "interpolations", "traversals"}
     assert grids["samples"].shape == (1, 2 * 34 + 2, 2 * 34 + 2)  # 8x8 enlarged to 32x32, 2 px padding

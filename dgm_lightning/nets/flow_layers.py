@@ -287,7 +287,7 @@ def realnvp_step(mask: Tensor, num_channels: int, hidden_channels: int) -> FlowS
 
 def multiscale_flow(
     architecture: Literal["realnvp", "glow"],
-    img_shape: Sequence[int],
+    data_shape: Sequence[int],
     *,
     num_scales: int,
     num_steps: int,
@@ -302,14 +302,14 @@ def multiscale_flow(
 
     Args:
         architecture: ``realnvp`` or ``glow``.
-        img_shape: (C, H, W); H and W must be divisible by 2 ** num_scales.
+        data_shape: (C, H, W); H and W must be divisible by 2 ** num_scales.
         num_scales: L, the number of scales.
         num_steps: K, steps per scale.
         hidden_channels: width of the coupling nets.
 
     References: Dinh et al. 2016, arXiv:1605.08803; Kingma & Dhariwal 2018, arXiv:1807.03039.
     """
-    c, h, w = img_shape
+    c, h, w = data_shape
     if h % 2**num_scales or w % 2**num_scales:
         raise ValueError(
             f"images of size {h}x{w} cannot be squeezed {num_scales} times (each halves H and W); "

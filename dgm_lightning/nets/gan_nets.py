@@ -42,10 +42,10 @@ class RangeOutput(nn.Module):
         return self.low + (self.high - self.low) * (torch.tanh(x) + 1) / 2
 
 
-def default_dcgan_channels(img_shape: Sequence[int]) -> list[int]:
+def default_dcgan_channels(data_shape: Sequence[int]) -> list[int]:
     """Discriminator channels for DCGAN nets: one stride-2 layer per halving while the map stays >= 4 pixels
     (8x8: 1, 28x28: 2, 32x32: 3, 64x64: 4), starting at 64 channels and doubling."""
-    side = min(img_shape[1:])
+    side = min(data_shape[1:])
     halvings = 0
     while side % 2 == 0 and side // 2 >= 4:
         side //= 2
@@ -53,9 +53,9 @@ def default_dcgan_channels(img_shape: Sequence[int]) -> list[int]:
     return [64 * 2**i for i in range(max(halvings, 1))]
 
 
-def _dcgan_start(img_shape: Sequence[int], channels: Sequence[int]) -> tuple[int, int]:
+def _dcgan_start(data_shape: Sequence[int], channels: Sequence[int]) -> tuple[int, int]:
     """Size (h, w) of the smallest feature map; the image sides must be divisible by 2 ** len(channels)."""
-    _, h, w = img_shape
+    _, h, w = data_shape
     factor = 2 ** len(channels)
     if not channels or any(c <= 0 for c in channels):
         raise ValueError(f"dcgan nets need one or more positive channel sizes, got {list(channels)}")
@@ -117,7 +117,7 @@ class DCGANGenerator(nn.Module):
 
     Args:
         in_dim: latent size (plus the number of classes for a conditional generator).
-        img_shape: (C, H, W); H and W must be divisible by 2 ** len(channels).
+        data_shape: (C, H, W); H and W must be divisible by 2 ** len(channels).
         channels: the discriminator's channels from the input side; the generator mirrors them.
         value_range: (low, high) of the images' values.
 
@@ -127,13 +127,13 @@ class DCGANGenerator(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        img_shape: Sequence[int],
+        data_shape: Sequence[int],
         channels: Sequence[int],
         value_range: Sequence[float] = (-1.0, 1.0),
     ) -> None:
         super().__init__()
-        c, _, _ = _check_shape(img_shape)
-        h0, w0 = _dcgan_start(img_shape, channels)
+        c, _, _ = _check_shape(data_shape)
+        h0, w0 = _dcgan_start(data_shape, channels)
         up = list(reversed(channels))  # widest map first
         self.project = nn.Sequential(
             nn.Linear(in_dim, up[0] * h0 * w0, bias=False),
@@ -156,9 +156,9 @@ class DCGANFeatures(nn.Sequential):
     """DCGAN discriminator body: stride-2 convolutions with LeakyReLU (batch norm after all but the first when
     ``batch_norm``), flattened to features (B, channels[-1] * h * w)."""
 
-    def __init__(self, img_shape: Sequence[int], channels: Sequence[int], *, batch_norm: bool = True) -> None:
-        c, _, _ = _check_shape(img_shape)
-        h0, w0 = _dcgan_start(img_shape, channels)
+    def __init__(self, data_shape: Sequence[int], channels: Sequence[int], *, batch_norm: bool = True) -> None:
+        c, _, _ = _check_shape(data_shape)
+        h0, w0 = _dcgan_start(data_shape, channels)
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(zip([c, *channels[:-1]], channels, strict=True)):
             layers.append(nn.Conv2d(n_in, n_out, 4, 2, 1, bias=not (batch_norm and i > 0)))
