@@ -101,10 +101,10 @@ class FIDAtEpochs(Callback):
         self.start = time.perf_counter()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: GAN) -> None:
-        decay = pl_module.hparams.ema_decay
+        decay, rampup = pl_module.hparams.ema_decay, pl_module.hparams.ema_rampup  # (the first two ignore rampup)
         self.averages = {
-            "fixed": FixedEMA(pl_module.generator, decay),
-            "tensorflow": TensorFlowEMA(pl_module.generator, decay),
+            "fixed": FixedEMA(pl_module.generator, decay, rampup),
+            "tensorflow": TensorFlowEMA(pl_module.generator, decay, rampup),
             **{f"rampup {r:g}": WarmupEMA(pl_module.generator, decay, rampup=r) for r in self.rampups},
         }
 

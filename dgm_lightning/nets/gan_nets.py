@@ -259,10 +259,10 @@ class WarmupEMA(AveragedModel):
     The first update copies the network; the update after n earlier ones sets ``avg = d avg + (1 - d) w`` with
     ``d = min(decay, 0.5 ** (1 / (rampup * n)))``: the average's half-life is at most ``rampup`` times the updates
     so far (StyleGAN2's ramp-up), so the average of a short run follows its recent weights instead of the initial
-    ones, and the configured ``decay`` takes over once ``rampup * n`` reaches its half-life (at n = 13,856 for
-    0.999 and 0.05). Integer buffers (batch norm's ``num_batches_tracked``) are counters and are copied. n is
+    ones, and the configured ``decay`` takes over once ``rampup * n`` reaches its half-life (at n = 34,640 for
+    0.999 and 0.02). Integer buffers (batch norm's ``num_batches_tracked``) are counters and are copied. n is
     ``AveragedModel``'s ``n_averaged`` buffer, so the warm-up state is saved in checkpoints with the weights.
-    Chosen by measurement (benchmarks/gan_ema.py): on Fashion-MNIST TensorFlow's rule, min(decay, (1 + n) /
+    Chosen by measurement (benchmarks/gan_ema.py, DCGAN on Fashion-MNIST): TensorFlow's rule, min(decay, (1 + n) /
     (10 + n)), sampled worse than this one after 1 and 3 epochs, and a fixed decay far worse.
 
     Args:
@@ -274,7 +274,7 @@ class WarmupEMA(AveragedModel):
         arXiv:1806.04498.
     """
 
-    def __init__(self, module: nn.Module, decay: float, rampup: float = 0.05) -> None:
+    def __init__(self, module: nn.Module, decay: float, rampup: float) -> None:
         super().__init__(module, multi_avg_fn=self._average, use_buffers=True)
         self.decay = float(decay)
         self.rampup = float(rampup)
