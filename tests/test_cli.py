@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,8 +126,19 @@ def test_wandb_name_and_tags_come_from_flags():
                 "--trainer.logger.tags", "[vae, test]", *QUIET])  # fmt: skip
     cli.trainer.logger.experiment.finish()
     (wandb_run,) = Path("runs/wandb").glob("offline-run-*")
-    (run,) = [r.run for r in wandb_records(wandb_run) if r.WhichOneof("record_type") == "run"]
+    # wandb's own process writes the file; on a busy machine its run record has come after finish() returned
+    # (seen twice in full runs with benchmarks beside them), so wait for it, for a bounded time
+    deadline = time.monotonic() + 60
+    while not (runs := [r.run for r in _records(wandb_run) if r.WhichOneof("record_type") == "run"]):
+        assert time.monotonic() < deadline, f"no run record in {wandb_run} after 60 s"
+        time.sleep(0.5)
+    (run,) = runs
     assert run.display_name == "my-run" and list(run.tags) == ["vae", "test"] and run.project == "dgm-lightning"
+
+
+def _records(wandb_run: Path) -> list:
+    """The records written so far: none while wandb has not created the file yet."""
+    return wandb_records(wandb_run) if any(wandb_run.glob("run-*.wandb")) else []
 
 
 def test_print_config_shows_the_resolved_recipe(capsys):
