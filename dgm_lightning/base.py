@@ -56,8 +56,9 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be a finite number >= 0 (0 gives the mode), got {temperature}")
 
 
-def check_checkpoint_file(path: str | Path, *, weights_only: bool | None = None) -> None:
-    """Refuse a file that is not a readable checkpoint with a ValueError that says why.
+def check_checkpoint_file(path: str | Path, *, weights_only: bool | None = None) -> dict:
+    """Refuse a file that is not a readable checkpoint with a ValueError that says why; return the checkpoint (its
+    tensors memory-mapped, not read).
 
     torch's own error for such a file ends in the advice to load it with ``weights_only=False``, which would run
     whatever code the file holds; this one names the reason without that advice.
@@ -81,6 +82,7 @@ def check_checkpoint_file(path: str | Path, *, weights_only: bool | None = None)
             f"{path} is a PyTorch file but not a checkpoint of a dgm-lightning model (it has no state_dict); give a "
             ".ckpt file that a Trainer saved"
         )
+    return checkpoint
 
 
 def _unreadable_reason(error: Exception, zipped: bool) -> str:

@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning as L
-import torch
 import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -353,10 +352,10 @@ def resolve_checkpoint(path: str) -> str:
         )
     try:
         # weights_only: as LightningCLI reads it next, and a file from elsewhere runs no code
-        check_checkpoint_file(path, weights_only=True)
+        checkpoint = check_checkpoint_file(path, weights_only=True)
     except ValueError as error:
         raise ValueError(f"--ckpt_path {error}") from None
-    if "hyper_parameters" not in torch.load(path, map_location="cpu", mmap=True, weights_only=True):
+    if "hyper_parameters" not in checkpoint:
         raise ValueError(
             f"--ckpt_path {path} is not a checkpoint of a dgm-lightning model (it has no hyper_parameters); "
             "give a .ckpt file saved by the Trainer"

@@ -198,7 +198,7 @@ class GAN(GenerativeModel):
         self.generator, self.discriminator = generator, discriminator
         self.ema: WarmupEMA | None = None
         if ema_decay is not None:
-            # batch-norm statistics are averaged too, so the average is a consistent network
+            # its buffers follow the generator's; batch-norm statistics are recomputed for it before use (sampling_net)
             self.ema = WarmupEMA(generator, ema_decay, rampup=ema_rampup)
             self.ema.requires_grad_(False)  # never trained: keeps it out of optimizers and DDP's gradient buckets
 
