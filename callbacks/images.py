@@ -14,7 +14,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from callbacks.density import density_panels, is_2d
-from dgm_lightning.base import check_positive
+from dgm_lightning.checks import check_positive
 
 
 def run_dir(trainer: L.Trainer) -> Path:

@@ -13,7 +13,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from dgm_lightning.base import check_positive
+from dgm_lightning.checks import check_positive
 
 METRICS = ("fid", "kid", "is")
 

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from callbacks.images import run_dir
-from dgm_lightning.base import check_positive, check_temperature
+from dgm_lightning.checks import check_positive, check_temperature
 
 
 def writes_text(model: L.LightningModule) -> bool:

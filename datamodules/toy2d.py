@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.base import DataSpec, SplitDataModule
-from dgm_lightning.base import check_positive
+from dgm_lightning.checks import check_positive
 
 Density = Literal["two_moons", "8gaussians", "checkerboard", "spirals"]
 DENSITIES = ("two_moons", "8gaussians", "checkerboard", "spirals")

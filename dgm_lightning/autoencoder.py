@@ -12,7 +12,8 @@ from torch.nn import functional as F
 from torchmetrics import CatMetric
 
 from dgm_lightning import objectives
-from dgm_lightning.base import GenerativeModel, check_positive
+from dgm_lightning.base import GenerativeModel
+from dgm_lightning.checks import check_positive
 from dgm_lightning.nets import build_decoder, build_encoder
 
 Likelihood = Literal["bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned"]

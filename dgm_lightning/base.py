@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import pickle
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -15,8 +13,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import functional as F
+from typing_extensions import override
 
-from dgm_lightning.compat import restricted_classmethod
+from dgm_lightning.checkpoint_io import check_checkpoint_file
+from dgm_lightning.checks import check_positive_int, check_temperature
+from dgm_lightning.compat import attached_trainer, logs_this_step, restricted_classmethod
+from dgm_lightning.optimizers import optimizer_config, trainable_parameters
 
 
 def _comparable(hparams: Mapping) -> dict:
@@ -26,74 +28,6 @@ def _comparable(hparams: Mapping) -> dict:
         return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
     return {key: plain(value) for key, value in hparams.items() if not key.startswith("_")}
-
-
-def check_positive(**values: float | None) -> None:
-    """Raise a ValueError for each named value that is not a finite number > 0 (None means 'not used' and passes)."""
-    for name, value in values.items():
-        # written so that NaN fails too: every comparison with NaN is False
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be > 0 and finite, got {value}")
-
-
-def check_non_negative(**values: float) -> None:
-    """Raise a ValueError for each named value that is not a finite number >= 0 (a weight that 0 switches off)."""
-    for name, value in values.items():
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be >= 0 and finite, got {value}")
-
-
-def check_positive_int(**values: int | None) -> None:
-    """Raise a ValueError for each named value that is not an integer > 0 (None means 'not used' and passes)."""
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_temperature(temperature: float) -> None:
-    """Refuse a sampling temperature that is not a finite number >= 0 (NaN or Inf would give NaN samples)."""
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 gives the mode), got {temperature}")
-
-
-def check_checkpoint_file(path: str | Path, *, weights_only: bool | None = None) -> dict:
-    """Refuse a file that is not a readable checkpoint with a ValueError that says why; return the checkpoint (its
-    tensors memory-mapped, not read).
-
-    torch's own error for such a file ends in the advice to load it with ``weights_only=False``, which would run
-    whatever code the file holds; this one names the reason without that advice.
-
-    Args:
-        path: the file.
-        weights_only: as ``torch.load`` (None: torch's default, True).
-    """
-    # a zip archive (every torch.save since PyTorch 1.6) is opened by mmap: only its index is read, not the weights
-    zipped = zipfile.is_zipfile(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=zipped, weights_only=weights_only)
-    except Exception as error:  # anything torch or pickle raise for a foreign or cut file
-        raise ValueError(
-            f"{path} is not a readable checkpoint ({_unreadable_reason(error, zipped)}); it may be truncated (a run "
-            "killed while saving it) or not a file that a Trainer saved; use another one, such as a run's "
-            "checkpoints/last.ckpt"
-        ) from None  # not chained: torch's message would repeat the weights_only=False advice
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"{path} is a PyTorch file but not a checkpoint of a dgm-lightning model (it has no state_dict); give a "
-            ".ckpt file that a Trainer saved"
-        )
-    return checkpoint
-
-
-def _unreadable_reason(error: Exception, zipped: bool) -> str:
-    """The first sentence of why torch.load failed, without its advice to load with weights_only=False."""
-    text = str(error)
-    marker = "WeightsUnpickler error: "
-    if marker + "Unsupported global" in text:  # the file needs code to load: a class or function of some module
-        return "it refers to code, which loading would run: " + text.split(marker, 1)[1].split(". ")[0]
-    if not zipped and isinstance(error, (KeyError, EOFError, pickle.UnpicklingError)):
-        return "neither a zip archive, as torch.save writes, nor an older PyTorch file"
-    return text.strip().split("\n")[0].split(". ")[0] or type(error).__name__
 
 
 class GenerativeModel(L.LightningModule):
@@ -144,11 +78,20 @@ class GenerativeModel(L.LightningModule):
 
     max_nonfinite_steps = 10
 
+    # -- optimization ----------------------------------------------------------------------------
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The injected ``optimizer`` over the trainable parameters, and ``lr_scheduler`` when given: the families
+        with one optimizer set both attributes from their arguments (``dgm_lightning.optimizers``)."""
+        return optimizer_config(trainable_parameters(self), self.optimizer, self.lr_scheduler)
+
     # -- data contract -------------------------------------------------------------------------
 
+    @override
     def setup(self, stage: str) -> None:
         """Compare the model's expectations with what the DataModule declares (its ``data_spec``)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         spec = getattr(datamodule, "data_spec", None)
         if spec is None:
             return
@@ -170,12 +113,14 @@ class GenerativeModel(L.LightningModule):
                 f"has {spec.num_classes}; set num_classes to match, or to None for an unconditional model"
             )
 
+    @override
     def configure_model(self) -> None:
         if self.compile_networks:
             for net in self.children():
                 if next(net.parameters(), None) is not None:
                     net.compile()
 
+    @override
     def on_fit_start(self) -> None:
         # seed_everything gives every rank the same seed, so every rank would draw the same noise (posterior
         # samples, word dropout, dequantization) for its different data; offset each rank's stream, unless a
@@ -183,9 +128,11 @@ class GenerativeModel(L.LightningModule):
         if self.trainer.world_size > 1 and self.trainer.ckpt_path is None:
             torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
 
+    @override
     def on_train_epoch_start(self) -> None:
         self._check_next_training_batch = True  # check_batch checks the epoch's first batch
 
+    @override
     def on_fit_end(self) -> None:
         # Lightning only logs "No training batches" and returns; an empty training set deserves an error
         if self.trainer.num_training_batches == 0 and self.trainer.limit_train_batches != 0:
@@ -242,7 +189,7 @@ class GenerativeModel(L.LightningModule):
             labels: its labels (None: none to check).
             mask: the entries of x that count (True), such as the real steps of padded sequences; None: all.
         """
-        if self.training and self._trainer is not None:
+        if self.training and attached_trainer(self) is not None:
             if not self._check_next_training_batch:
                 return
             self._check_next_training_batch = False
@@ -426,6 +373,7 @@ class GenerativeModel(L.LightningModule):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    @override
     @restricted_classmethod  # refuses a call on an instance, as Lightning's own does
     def load_from_checkpoint(
         cls,
@@ -447,18 +395,21 @@ class GenerativeModel(L.LightningModule):
             checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
         )  # fmt: skip
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning saves no random state, so a resumed run would draw other noise and shuffle other
         # batches than an uninterrupted one. Every rank's CPU generator state is kept (gathered, since
         # only rank zero writes the file); CUDA generators are not, so GPU resumes are not bitwise.
         state = torch.get_rng_state()
-        states = self.all_gather(state) if self._trainer is not None and self.trainer.world_size > 1 else state[None]
+        trainer = attached_trainer(self)
+        states = self.all_gather(state) if trainer is not None and trainer.world_size > 1 else state[None]
         checkpoint["rng_states"] = states.cpu()
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # only when a Trainer resumes: loading weights for inference must not reset the caller's random state,
         # and load_from_checkpoint(path, lr=...) overrides settings on purpose
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return
         self._check_resumed_settings(checkpoint.get("hyper_parameters", {}))
         states = checkpoint.get("rng_states")
@@ -502,8 +453,7 @@ class GenerativeModel(L.LightningModule):
         # float32 each: under autocast the terms can differ in dtype (bf16 and float32), which stack refuses
         values = torch.stack([value.detach().float() for value in terms.values()])
         sums[names] = (total + values * batch_size, count + batch_size)
-        if stage == "train" and (self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run):
-            # the logger connector's own test for "this step is written": private, so tests/test_models.py checks it.
+        if stage == "train" and logs_this_step(self.trainer):
             # One copy to the host for all terms: the logger would wait for each term's value apart, and the
             # progress bar reads its values after every step (a wait each time, for values left on a GPU)
             self._log_named(dict(zip(names, values.cpu(), strict=True)), "train/{}_step", on_step=True)
@@ -538,11 +488,14 @@ class GenerativeModel(L.LightningModule):
         # one self.log per term: loggers and callbacks (ModelCheckpoint(monitor="train/loss")) read the same name
         self._log_named(dict(zip(sums, totals[:, 0] / totals[:, 1], strict=True)), f"{stage}/{{}}")
 
+    @override
     def on_train_epoch_end(self) -> None:
         self._log_epoch_means("train")
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_means("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_epoch_means("test")

@@ -1,9 +1,12 @@
-"""Checkpoints written atomically on local disks: a temporary file beside the target, then a rename."""
+"""Checkpoint files: read with a clear error when they are not checkpoints, written atomically on local disks (a
+temporary file beside the target, then a rename)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import secrets
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,46 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+
+def check_checkpoint_file(path: str | Path, *, weights_only: bool | None = None) -> dict:
+    """Refuse a file that is not a readable checkpoint with a ValueError that says why; return the checkpoint (its
+    tensors memory-mapped, not read).
+
+    torch's own error for such a file ends in the advice to load it with ``weights_only=False``, which would run
+    whatever code the file holds; this one names the reason without that advice.
+
+    Args:
+        path: the file.
+        weights_only: as ``torch.load`` (None: torch's default, True).
+    """
+    # a zip archive (every torch.save since PyTorch 1.6) is opened by mmap: only its index is read, not the weights
+    zipped = zipfile.is_zipfile(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=zipped, weights_only=weights_only)
+    except Exception as error:  # anything torch or pickle raise for a foreign or cut file
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({_unreadable_reason(error, zipped)}); it may be truncated (a run "
+            "killed while saving it) or not a file that a Trainer saved; use another one, such as a run's "
+            "checkpoints/last.ckpt"
+        ) from None  # not chained: torch's message would repeat the weights_only=False advice
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{path} is a PyTorch file but not a checkpoint of a dgm-lightning model (it has no state_dict); give a "
+            ".ckpt file that a Trainer saved"
+        )
+    return checkpoint
+
+
+def _unreadable_reason(error: Exception, zipped: bool) -> str:
+    """The first sentence of why torch.load failed, without its advice to load with weights_only=False."""
+    text = str(error)
+    marker = "WeightsUnpickler error: "
+    if marker + "Unsupported global" in text:  # the file needs code to load: a class or function of some module
+        return "it refers to code, which loading would run: " + text.split(marker, 1)[1].split(". ")[0]
+    if not zipped and isinstance(error, (KeyError, EOFError, pickle.UnpicklingError)):
+        return "neither a zip archive, as torch.save writes, nor an older PyTorch file"
+    return text.strip().split("\n")[0].split(". ")[0] or type(error).__name__
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dgm_lightning.base import GenerativeModel, check_positive
+from dgm_lightning.base import GenerativeModel
+from dgm_lightning.checks import check_positive
 from dgm_lightning.nets import ConvEncoder
 
 

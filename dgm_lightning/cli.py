@@ -31,8 +31,7 @@ import callbacks  # noqa: F401  (registers the callbacks' class names for --trai
 import datamodules  # noqa: F401  (registers the DataModules' class names for --data)
 import dgm_lightning  # noqa: F401  (registers the models' class names for --model)
 from callbacks import run_dir
-from dgm_lightning.base import check_checkpoint_file
-from dgm_lightning.checkpoint_io import AtomicCheckpointIO
+from dgm_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint_file
 from dgm_lightning.compat import drop_unset_wandb_anonymous
 from dgm_lightning.export import main as export_main
 from dgm_lightning.recipes import describe_recipes, expand_recipe_names

@@ -1,9 +1,12 @@
-"""The private APIs of Lightning and its loggers that dgm-lightning relies on, in one place, each covered by a test
-(tests/test_compat.py) so that a release that changes one fails there, by name."""
+"""The private APIs of Lightning, its loggers and torch that dgm-lightning relies on, in one place, each covered by a
+test (tests/test_compat.py) so that a release that changes one fails there, by name."""
 
 from __future__ import annotations
 
+import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
 
 
 def drop_unset_wandb_anonymous(logger: WandbLogger) -> None:
@@ -22,3 +25,28 @@ def restricted_classmethod(method):
     from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
     return _restricted_classmethod(method)
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer a module is attached to, or None: ``module.trainer`` raises when there is none, and Lightning has
+    no public test for it; the private ``_trainer`` attribute is that test."""
+    return module._trainer
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the Trainer writes this training step's logged values to its loggers (every ``log_every_n_steps``
+    steps, the last step of a run, every step of ``fast_dev_run``): the logger connector's own test, private."""
+    return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+
+
+def find_unused_parameters(strategy: DDPStrategy) -> None:
+    """Make a DDP strategy wrap the model with ``find_unused_parameters=True``. DDPStrategy takes it as a constructor
+    argument only and keeps it in the private ``_ddp_kwargs``, which it reads when it wraps the model, after the
+    model's ``setup``; so a model can set it from ``setup``."""
+    strategy._ddp_kwargs["find_unused_parameters"] = True
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether a module is a batch-norm layer of any dimension (lazy and synchronised ones included): torch's common
+    base class of them, ``_BatchNorm``, is private."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.distributions import AffineTransform, ComposeTransform, Independent, Normal, SigmoidTransform, Transform
 
 from dgm_lightning import objectives
-from dgm_lightning.base import GenerativeModel, check_positive
+from dgm_lightning.base import GenerativeModel
+from dgm_lightning.checks import check_positive
 from dgm_lightning.nets.flow_layers import multiscale_flow, vector_flow
 
 FlowArchitecture = Literal["realnvp", "glow"]

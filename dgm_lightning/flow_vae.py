@@ -10,7 +10,7 @@ from torch.distributions import Normal
 
 from dgm_lightning import objectives
 from dgm_lightning.autoencoder import Architecture, Likelihood
-from dgm_lightning.base import check_positive_int
+from dgm_lightning.checks import check_positive_int
 from dgm_lightning.nets.flow_layers import planar_flow
 from dgm_lightning.vae import VAE
 

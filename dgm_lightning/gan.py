@@ -12,11 +12,8 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from dgm_lightning import objectives
-from dgm_lightning.base import (
-    GenerativeModel,
-    check_non_negative,
-    check_positive,
-)
+from dgm_lightning.base import GenerativeModel
+from dgm_lightning.checks import check_non_negative, check_positive
 from dgm_lightning.nets.gan_nets import (
     ARCHITECTURES,
     WarmupEMA,

@@ -1,13 +1,16 @@
 """Pure loss and metric functions shared by the model families.
 
 Everything here works on plain tensors or ``torch.distributions`` objects, has no state and no
-Lightning dependency, so each function can be unit-tested against a closed form.
+Lightning dependency, so each function can be unit-tested against a closed form. ``Objective`` is what every
+family's objective method returns.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -21,13 +24,38 @@ from torch.distributions import (
 )
 from torch.nn import functional as F
 
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned")
+from dgm_lightning.checks import check_choice, choices
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise a ValueError naming the valid choices when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+@dataclass
+class Objective:
+    """A family's objective on one batch: what its ``objective`` method returns (a GAN's ``generator_objective`` and
+    ``discriminator_objective`` as well), so that steps, tests, benchmarks and callbacks reach any family's loss the
+    same way: ``model.objective(batch).loss``.
+
+    Args:
+        terms: named scalar terms, logged as ``{stage}/{name}``; ``loss`` is the one minimised.
+        batch_size: examples in the batch: the weight of its terms in the epoch's means.
+        codes: the batch's codes (B, latent_dim) in the latent-variable models (posterior means), detached; None
+            in the other families.
+    """
+
+    terms: dict[str, Tensor]
+    batch_size: int
+    codes: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if "loss" not in self.terms:
+            raise ValueError(f"an objective's terms must include 'loss', the one minimised; got {sorted(self.terms)}")
+
+    @property
+    def loss(self) -> Tensor:
+        """The term that the optimizer minimises."""
+        return self.terms["loss"]
+
+
+Likelihood = Literal["bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned"]
+LIKELIHOODS = choices(Likelihood)
 
 
 def reconstruction_distribution(likelihood: str, params: Tensor, *, log_scale: Tensor | None = None) -> Distribution:
@@ -42,7 +70,7 @@ def reconstruction_distribution(likelihood: str, params: Tensor, *, log_scale: T
     References: continuous Bernoulli, Loaiza-Ganem & Cunningham 2019, arXiv:1907.06845;
         learned (calibrated) Gaussian scale, Rybkin et al. 2021, arXiv:2006.13202.
     """
-    check_choice("likelihood", likelihood, LIKELIHOODS)
+    check_choice("likelihood", likelihood, Likelihood)
     event_dims = params.dim() - 1
     # validate_args=False throughout: the Bernoullis also score grey levels in [0, 1], as is common, and
     # non-finite parameters are left to the models' divergence policy to report
@@ -129,7 +157,8 @@ def active_units(posterior_means: Tensor, threshold: float = 0.01) -> Tensor:
 
 # -- GANs ----------------------------------------------------------------------------------------
 
-GAN_LOSSES = ("non_saturating", "minimax", "least_squares", "wasserstein", "hinge")
+GANLoss = Literal["non_saturating", "minimax", "least_squares", "wasserstein", "hinge"]
+GAN_LOSSES = choices(GANLoss)
 
 
 def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor, *, real_target: float = 1.0) -> Tensor:
@@ -148,7 +177,7 @@ def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor, *, r
         Wasserstein, Arjovsky et al. 2017, arXiv:1701.07875; hinge, Lim & Ye 2017, arXiv:1705.02894;
         one-sided label smoothing, Salimans et al. 2016, arXiv:1606.03498.
     """
-    check_choice("GAN loss", kind, GAN_LOSSES)
+    check_choice("GAN loss", kind, GANLoss)
     if real_target != 1.0 and kind in ("wasserstein", "hinge"):
         raise ValueError(f"label smoothing applies to the cross-entropy and least-squares losses, not to {kind!r}")
     if kind in ("non_saturating", "minimax"):
@@ -169,7 +198,7 @@ def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
 
     References: see ``discriminator_loss``.
     """
-    check_choice("GAN loss", kind, GAN_LOSSES)
+    check_choice("GAN loss", kind, GANLoss)
     if kind == "non_saturating":
         return F.softplus(-fake_logits).mean()
     if kind == "minimax":

@@ -13,15 +13,10 @@ from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import CatMetric, MeanMetric
 
 from dgm_lightning import objectives
-from dgm_lightning.base import (
-    GenerativeModel,
-    check_non_negative,
-    check_positive,
-    check_positive_int,
-    check_temperature,
-)
+from dgm_lightning.base import GenerativeModel
+from dgm_lightning.checks import check_non_negative, check_positive, check_positive_int, check_temperature
 from dgm_lightning.nets.sequence_nets import Cell, SequenceDecoder, SequenceEncoder
-from dgm_lightning.vocabulary import BOS, EOS, LEVELS, PAD, UNK, Level, Vocabulary
+from dgm_lightning.vocabulary import BOS, EOS, PAD, UNK, Level, Vocabulary
 
 DEFAULT_MAX_LEN = 64
 SEQUENCE_LIKELIHOODS = ("categorical", "bernoulli", "gaussian", "gaussian_learned")
@@ -106,7 +101,7 @@ class RecurrentVAE(GenerativeModel):
         decoder: nn.Module | None = None,
     ) -> None:
         objectives.check_choice("likelihood", likelihood, SEQUENCE_LIKELIHOODS)
-        objectives.check_choice("vocab_level", vocab_level, LEVELS)
+        check_choice("vocab_level", vocab_level, Level)
         objectives.check_choice("cell", cell, ("lstm", "gru"))
         sizes = dict(latent_dim=latent_dim, embedding_dim=embedding_dim, hidden_dim=hidden_dim, num_layers=num_layers)
         for name, value in dict(

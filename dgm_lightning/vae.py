@@ -11,7 +11,7 @@ from torch.distributions import Normal
 
 from dgm_lightning import objectives
 from dgm_lightning.autoencoder import Architecture, LatentVariableModel, Likelihood
-from dgm_lightning.base import check_non_negative, check_positive_int
+from dgm_lightning.checks import check_non_negative, check_positive_int
 
 
 class VAE(LatentVariableModel):

@@ -7,17 +7,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from dgm_lightning import objectives
+from dgm_lightning.checks import check_choice
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PAD, UNK, BOS, EOS = range(4)
-LEVELS = ("char", "word")
 Level = Literal["char", "word"]
 
 
 def tokenize(line: str, level: str) -> list[str]:
     """A line of text -> its tokens: characters (``char``) or whitespace-separated words (``word``)."""
-    objectives.check_choice("level", level, LEVELS)
+    check_choice("level", level, Level)
     line = line.strip()
     return list(line) if level == "char" else line.split()
 
@@ -35,7 +34,7 @@ class Vocabulary:
     level: Level = "char"
 
     def __post_init__(self) -> None:
-        objectives.check_choice("level", self.level, LEVELS)
+        check_choice("level", self.level, Level)
         if tuple(self.tokens[: len(SPECIALS)]) != SPECIALS:
             raise ValueError(f"a vocabulary must start with the special tokens {SPECIALS}, got {self.tokens[:4]}")
         if len(set(self.tokens)) != len(self.tokens):

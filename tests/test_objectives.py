@@ -240,12 +240,6 @@ def test_gaussian_without_log_scale_raises(likelihood):
         reconstruction_distribution(likelihood, _rand(*SHAPE))
 
 
-def test_check_choice_accepts_valid_and_rejects_invalid():
-    objectives.check_choice("likelihood", "bernoulli", LIKELIHOODS)
-    with pytest.raises(ValueError, match="choose one of: bernoulli, continuous_bernoulli"):
-        objectives.check_choice("likelihood", "Bernoulli", LIKELIHOODS)
-
-
 def test_elbo_terms_assemble_the_vae_objective():
     reconstruction = torch.tensor([-10.0, -12.0])
     kl = torch.tensor([[0.5, 0.05], [1.5, 0.15]])  # (B, D)

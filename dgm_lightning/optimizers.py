@@ -1,0 +1,99 @@
+"""Optimizers and learning-rate schedulers, injected the same way in every family.
+
+A model takes ``optimizer: OptimizerCallable`` (params -> Optimizer) and ``lr_scheduler: LRSchedulerCallable | None``
+(Optimizer -> scheduler), as Lightning's CLI documentation recommends, so that ``--model.optimizer AdamW
+--model.optimizer.lr 3e-4`` and ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 20`` work for
+every family, from YAML and from Python (``VAE(optimizer=partial(torch.optim.AdamW, lr=3e-4))``). A GAN takes one of
+each per network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer steps: those that require a gradient (not a frozen or averaged copy)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def optimizer_config(
+    params: Iterable[nn.Parameter], optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None
+) -> dict[str, Any]:
+    """What ``configure_optimizers`` returns for one optimizer: ``{"optimizer": ..., "lr_scheduler": ...}``.
+
+    The scheduler steps once per epoch (Lightning's default interval). ``ReduceLROnPlateau`` needs the metric it
+    watches: use ``lightning.pytorch.cli.ReduceLROnPlateau``, which takes it as ``monitor``.
+    """
+    built = optimizer(params)
+    if lr_scheduler is None:
+        return {"optimizer": built}
+    scheduler = lr_scheduler(built)
+    config: dict[str, Any] = {"scheduler": scheduler}
+    if isinstance(scheduler, ReduceLROnPlateau):
+        monitor = getattr(scheduler, "monitor", None)
+        if monitor is None:
+            raise ValueError(
+                "ReduceLROnPlateau needs the metric it watches: use lightning.pytorch.cli.ReduceLROnPlateau, which "
+                "takes it (--model.lr_scheduler lightning.pytorch.cli.ReduceLROnPlateau --model.lr_scheduler.monitor "
+                "val/loss)"
+            )
+        config["monitor"] = monitor
+    return {"optimizer": built, "lr_scheduler": config}
+
+
+def check_injected(**callables: Any) -> None:
+    """Refuse an optimizer or scheduler that was built already (``torch.optim.Adam(params)``) where a callable that
+    builds one is expected: the model builds it on its own parameters, after ``setup``."""
+    for name, value in callables.items():
+        if value is not None and not callable(value):
+            raise ValueError(
+                f"{name} must be a callable that builds it, such as torch.optim.Adam or "
+                f"functools.partial(torch.optim.AdamW, lr=3e-4) (schedulers: of the optimizer), not {value!r}; "
+                "the model builds it on its own parameters"
+            )
+
+
+class GeneratorAdam(torch.optim.Adam):
+    """Adam with the defaults of a GAN's generator: lr 1e-4 and betas (0.5, 0.999), DCGAN's betas and the slower
+    of the two time-scale update rule's learning rates.
+
+    A class rather than ``functools.partial``: the command line shows and saves a class default with its arguments
+    (``--model.optimizer_g.lr 2e-4`` changes one of them), a partial it can neither show nor save.
+
+    Args:
+        params: the parameters to optimize.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        kwargs: Adam's other arguments (``eps``, ``weight_decay``, ``amsgrad``, ``fused``, ...).
+
+    References: Radford et al. 2015, arXiv:1511.06434; TTUR, Heusel et al. 2017, arXiv:1706.08500.
+    """
+
+    def __init__(
+        self, params: Iterable[nn.Parameter], lr: float = 1e-4, betas: tuple[float, float] = (0.5, 0.999), **kwargs
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, **kwargs)
+
+
+class DiscriminatorAdam(torch.optim.Adam):
+    """Adam with the defaults of a GAN's discriminator: lr 4e-4, four times the generator's (two time-scale update
+    rule), and betas (0.5, 0.999). See ``GeneratorAdam``.
+
+    Args:
+        params: the parameters to optimize.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        kwargs: Adam's other arguments (``eps``, ``weight_decay``, ``amsgrad``, ``fused``, ...).
+    """
+
+    def __init__(
+        self, params: Iterable[nn.Parameter], lr: float = 4e-4, betas: tuple[float, float] = (0.5, 0.999), **kwargs
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, **kwargs)
