@@ -16,18 +16,19 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules import DigitsDataModule, SequentialImageDataModule
 from datamodules.base import DataSpec
 from dgm_lightning import AE, GAN, VAE, Classifier, Flow, FlowVAE, RecurrentVAE
+from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,24 +87,30 @@ def _build_gan(shape: tuple[int, int, int]) -> L.LightningModule:
     small = _small(shape)
     return GAN(
         32 if small else 100, data_shape=shape, architecture="dcgan", hidden_dims=[32, 64] if small else [64, 128],
-        lr_g=2e-4, lr_d=2e-4, ema_decay=0.999,
+        optimizer_g=partial(GeneratorAdam, lr=2e-4), optimizer_d=partial(DiscriminatorAdam, lr=2e-4), ema_decay=0.999,
     )  # fmt: skip
 
 
 def _build_flow(shape: tuple[int, int, int]) -> L.LightningModule:
     levels = 17 if _small(shape) else 256  # the digits take 17 grey levels
-    return Flow("glow", data_shape=shape, num_scales=2, num_steps=4, hidden_channels=64, quantization_levels=levels)
+    return Flow("glow", data_shape=shape, num_scales=2, num_steps=4, hidden_dims=(64, 64), quantization_levels=levels)
 
 
 def _build_rvae(shape: tuple[int, int, int]) -> L.LightningModule:
     hidden = 128 if _small(shape) else 256
-    return RecurrentVAE(8, input_dim=shape[2], likelihood="bernoulli", hidden_dim=hidden, word_dropout=0.25)
+    return RecurrentVAE(8, input_dim=shape[2], likelihood="bernoulli", hidden_dims=[hidden], word_dropout=0.25)
 
 
 def _build_classifier(shape: tuple[int, int, int]) -> L.LightningModule:
     if _small(shape):
         return Classifier(10, data_shape=shape, feature_dim=64, hidden_dims=(32, 64))
     return Classifier(10, data_shape=shape, feature_dim=128, hidden_dims=(32, 64, 128))
+
+
+def objective_loss(model: L.LightningModule, batch: Any) -> torch.Tensor:
+    """The loss of a one-optimizer family, reached as every family's is: ``model.objective(batch).loss`` (in
+    training mode it checks the values of the first batch only, as the Trainer's loop does)."""
+    return model.objective(batch).loss
 
 
 def _backward_step(optimizer: Any, loss: torch.Tensor) -> None:
@@ -115,24 +122,21 @@ def _backward_step(optimizer: Any, loss: torch.Tensor) -> None:
 def _gan_step(model, optimizers, batch) -> None:
     # what GAN.training_step does per batch: n_critic discriminator steps, one generator step, the EMA update
     opt_g, opt_d = optimizers
-    x = batch[0]
     for _ in range(model.n_critic):
-        _backward_step(opt_d, model.discriminator_terms(x, None, None)[0])
-    _backward_step(opt_g, model.generator_terms(x.shape[0], None, None)["g_loss"])
+        _backward_step(opt_d, model.discriminator_objective(batch).loss)
+    _backward_step(opt_g, model.generator_objective(batch).loss)
     if model.ema is not None:
         model.ema.update_parameters(model.generator)
 
 
 FAMILIES = {
-    "AE": Family("AE", _build_ae(AE), loss=lambda m, b: m.loss_terms(b[0], None)[0]["loss"]),
-    "VAE": Family("VAE", _build_ae(VAE), loss=lambda m, b: m.loss_terms(b[0], None)[0]["loss"]),
+    "AE": Family("AE", _build_ae(AE), loss=objective_loss),
+    "VAE": Family("VAE", _build_ae(VAE), loss=objective_loss),
     "GAN": Family("GAN", _build_gan, two_optimizer_step=_gan_step, value_range=(-1.0, 1.0)),
-    "Flow": Family("Flow", _build_flow, loss=lambda m, b: m.likelihood_terms(b[0], None)["loss"]),
-    "FlowVAE": Family("FlowVAE", _build_flow_vae, loss=lambda m, b: m.loss_terms(b[0], None)[0]["loss"]),
-    "RecurrentVAE": Family(
-        "RecurrentVAE", _build_rvae, loss=lambda m, b: m.loss_terms(b[0], b[1])[0]["loss"], sequences=True
-    ),
-    "Classifier": Family("Classifier", _build_classifier, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1])),
+    "Flow": Family("Flow", _build_flow, loss=objective_loss),
+    "FlowVAE": Family("FlowVAE", _build_flow_vae, loss=objective_loss),
+    "RecurrentVAE": Family("RecurrentVAE", _build_rvae, loss=objective_loss, sequences=True),
+    "Classifier": Family("Classifier", _build_classifier, loss=objective_loss),
 }
 
 
@@ -157,10 +161,10 @@ class BareModule(L.LightningModule):
 
 
 def optimizers_of(model: L.LightningModule) -> list[torch.optim.Optimizer]:
-    """The model's optimizers, as its ``configure_optimizers`` makes them (one, or a list of configs)."""
+    """The model's optimizers, as its ``configure_optimizers`` makes them (one config, or a list of them)."""
     configured = model.configure_optimizers()
-    if isinstance(configured, torch.optim.Optimizer):
-        return [configured]
+    if isinstance(configured, dict):  # one optimizer (dgm_lightning.optimizers.optimizer_config)
+        return [configured["optimizer"]]
     return [c["optimizer"] if isinstance(c, dict) else c for c in configured]
 
 

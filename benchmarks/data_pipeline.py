@@ -52,11 +52,11 @@ def main() -> None:
         data, arch = DigitsDataModule(batch_size=128), dict(architecture="mlp", data_shape=(1, 8, 8))
     data.setup()
     model = VAE(latent_dim=32, **arch)
-    optimizer = model.configure_optimizers()
+    optimizer = model.configure_optimizers()["optimizer"]
 
     def train_step(batch) -> None:
         optimizer.zero_grad()
-        model.loss_terms(*model.unpack_batch(batch))[0]["loss"].backward()
+        model.objective(batch).loss.backward()
         optimizer.step()
 
     loading = ms_per_batch(data.train_dataloader(), args.batches)

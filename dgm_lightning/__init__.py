@@ -1,11 +1,12 @@
 """dgm-lightning: deep generative models as PyTorch Lightning modules."""
 
-from dgm_lightning.autoencoder import AE, LatentVariableModel
+from dgm_lightning.autoencoder import AE
 from dgm_lightning.base import GenerativeModel
 from dgm_lightning.classifier import Classifier
 from dgm_lightning.flow import Flow
 from dgm_lightning.flow_vae import FlowVAE
 from dgm_lightning.gan import GAN
+from dgm_lightning.latent_variable import LatentVariableModel
 from dgm_lightning.recurrent_vae import RecurrentVAE
 from dgm_lightning.vae import VAE
 from dgm_lightning.vocabulary import Vocabulary

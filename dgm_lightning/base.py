@@ -21,7 +21,7 @@ from dgm_lightning.compat import attached_trainer, logs_this_step, restricted_cl
 from dgm_lightning.optimizers import optimizer_config, trainable_parameters
 
 
-def _comparable(hparams: Mapping) -> dict:
+def comparable_settings(hparams: Mapping) -> dict:
     """Settings as plain values: tuples as lists (a YAML config gives lists), without LightningCLI's ``_`` entries."""
 
     def plain(value):
@@ -32,6 +32,21 @@ def _comparable(hparams: Mapping) -> dict:
 
 class GenerativeModel(L.LightningModule):
     """Base of the models: holds what the model expects of its data and checks it.
+
+    The protocol that callbacks, tests and benchmarks rely on, the same in every family:
+
+    - ``objective(batch) -> Objective``: the training objective on a batch as the DataModule yields it, named scalar
+      terms with ``loss`` the one minimised (a GAN: ``generator_objective`` and ``discriminator_objective``).
+    - ``sample(n, *, labels=None, temperature=1.0)``: n examples; ``labels`` only in the families that can be
+      class-conditional (a conditional model draws the classes in turn when not given them), ``temperature`` scales
+      the noise (0: the mode). ``from_noise(noise)`` is the same map from given noise of ``noise_shape``.
+    - ``encode(x)`` / ``decode(z)``: posterior mean / decoder mean, in the latent-variable models only; a generation
+      that is a loop (RecurrentVAE) is ``generate``.
+    - ``log_prob(x)``: log-density in nats per example, exact for flows, an importance-weighted (IWAE) lower bound
+      for latent-variable models. It is differentiable in every family (a training objective can use it), so wrap
+      it in ``torch.no_grad()`` to evaluate.
+    - ``optimizer`` / ``lr_scheduler``: injected callables (``dgm_lightning.optimizers``); a GAN has one of each per
+      network.
 
     Divergence policy (``skip_nonfinite``): a training step whose loss terms are not all finite is
     skipped on every rank together, with a warning naming the terms; after ``max_nonfinite_steps``
@@ -180,16 +195,17 @@ class GenerativeModel(L.LightningModule):
         """Check the values of a batch that reaches a step (``check_values``) wherever that costs no steady-state sync.
 
         The check waits for the device once. Evaluation checks every batch (its metrics need finite data, so it would
-        wait anyway); a training loop checks the first batch of each epoch, where a DataModule's mistake (another
-        value range, other labels) shows at once, and then runs without waiting; without a Trainer every call is
-        checked. NaN or Inf in training are the divergence policy's, which skips such a step.
+        wait anyway); a training loop checks its first batch (the Trainer's: of each epoch), where a DataModule's
+        mistake (another value range, other labels) shows at once, and then runs without waiting, as a loop of your
+        own does (``objective`` in training mode). NaN or Inf in training are the divergence policy's, which skips
+        such a step.
 
         Args:
             x: the batch's data.
             labels: its labels (None: none to check).
             mask: the entries of x that count (True), such as the real steps of padded sequences; None: all.
         """
-        if self.training and attached_trainer(self) is not None:
+        if self.training:
             if not self._check_next_training_batch:
                 return
             self._check_next_training_batch = False
@@ -419,7 +435,7 @@ class GenerativeModel(L.LightningModule):
     def _check_resumed_settings(self, saved: dict) -> None:
         """Refuse to resume a run with other model settings than it was trained with: the result would be
         neither run, and a changed size would otherwise fail later as a bare state_dict shape error."""
-        ours, theirs = _comparable(self.hparams), _comparable(saved)
+        ours, theirs = comparable_settings(self.hparams), comparable_settings(saved)
         if "_class_path" in saved:  # a checkpoint of another model (LightningCLI records the class)
             ours["model"], theirs["model"] = type(self).__name__, saved["_class_path"].rsplit(".", 1)[-1]
         changed = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key, "-") != theirs.get(key, "-"))

@@ -31,6 +31,7 @@ import callbacks  # noqa: F401  (registers the callbacks' class names for --trai
 import datamodules  # noqa: F401  (registers the DataModules' class names for --data)
 import dgm_lightning  # noqa: F401  (registers the models' class names for --model)
 from callbacks import run_dir
+from dgm_lightning.base import comparable_settings
 from dgm_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint_file
 from dgm_lightning.compat import drop_unset_wandb_anonymous
 from dgm_lightning.export import main as export_main
@@ -170,6 +171,8 @@ class DGMCLI(LightningCLI):
                 "logger": lazy_instance(WandbLogger, project=WANDB_PROJECT, save_dir=None),
             },
             save_config_callback=RunConfigSaver,
+            # one way to choose optimizers: the models' own optimizer/lr_scheduler arguments (--model.optimizer)
+            auto_configure_optimizers=False,
             save_config_kwargs={"save_to_log_dir": False},
             # a mistyped flag such as --trainer.max_epoch must fail, not be taken as an abbreviation
             parser_kwargs={"allow_abbrev": False},
@@ -189,14 +192,18 @@ class DGMCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         self.job = job_settings(dump[subcommand] if subcommand else dump)
         self.save_config_kwargs["job"] = self.job
+        self.check_checkpoint_settings()
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI replaces the model's settings, class included, with the checkpoint's: a flag such as
-        # --model.latent_dim 4 would be dropped without a word. Here the checkpoint is found and checked first.
-        # Resuming (fit) must configure the checkpoint's settings (only those left unset, None, such as a
-        # vocabulary taken from the data, may come from it); validate, test and predict take the checkpoint's model.
+    def check_checkpoint_settings(self) -> None:
+        """Find and check ``--ckpt_path`` before LightningCLI reads its settings (right after ``parse_arguments``).
+
+        LightningCLI replaces the model's settings, class included, with the checkpoint's: a flag such as
+        ``--model.latent_dim 4`` would be dropped without a word. Resuming (fit) must configure the checkpoint's
+        settings (only those left unset, None, such as a vocabulary taken from the data, may come from it);
+        validate, test and predict take the checkpoint's model, and say which settings it changed.
+        """
         config = self.config.get(self.config.get("subcommand") or "")
-        if config is None or not config.get("ckpt_path"):
+        if config is None or not config.get("ckpt_path") or config.ckpt_path in ("hpc", "registry"):
             return
         if config.ckpt_path in ("last", "best"):
             # only a run of the same job (dgm_lightning.runs), where the checkpoints of this one would lie
@@ -204,10 +211,8 @@ class DGMCLI(LightningCLI):
             config.ckpt_path = resolve(self.job, output_roots(config.trainer))
             if config.ckpt_path is None:
                 return
-        config.ckpt_path = resolve_checkpoint(config.ckpt_path)
-        configured = config.model.clone()
-        super()._parse_ckpt_path()
-        changed = settings_changed(configured, self.config[self.config.subcommand].model)
+        saved = read_checkpoint_settings(config.ckpt_path)
+        changed = settings_changed(config.model, saved)
         if changed and self.config.subcommand != "fit":
             rank_zero_info(f"--ckpt_path: the model takes the checkpoint's settings ({'; '.join(changed)})")
         elif changed:
@@ -260,37 +265,6 @@ class DGMCLI(LightningCLI):
                 Path(logger.save_dir or ".").mkdir(parents=True, exist_ok=True)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user configured
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        # LightningCLI would silently replace the optimizers of a model that steps its own (manual optimization,
-        # e.g. a GAN's two): refuse, and point at the model's own flags
-        given = [f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
-        if given == ["--lr_scheduler"] and self.model.automatic_optimization:
-            # LightningCLI would silently ignore it: it replaces configure_optimizers only when given an optimizer
-            raise ValueError(
-                "--lr_scheduler needs --optimizer too, or it is ignored: add e.g. --optimizer Adam --optimizer.lr 1e-3"
-            )
-        if given and not self.model.automatic_optimization:
-            name = type(self.model).__name__
-            flags = getattr(self.model, "optimizer_flags", f"see `python train.py fit --model {name} --help`")
-            raise ValueError(
-                f"{name} steps its own optimizers (manual optimization), so {' and '.join(given)} cannot set them; "
-                f"use its optimizer flags instead: {flags}"
-            )
-
-    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
-        # LightningCLI builds --optimizer on the model's parameters at once, but a model that sizes its networks
-        # from the data in setup (RecurrentVAE) has none yet: let Lightning's own code run when the Trainer asks
-        # for the optimizers, which is after setup
-        model, add = self.model, super()._add_configure_optimizers_method_to_model
-        if next(model.parameters(), None) is not None:
-            return add(subcommand)
-        own = model.configure_optimizers
-
-        def configure_optimizers():
-            model.configure_optimizers = own
-            add(subcommand)  # replaces model.configure_optimizers if --optimizer was given
-            return model.configure_optimizers()
-
-        model.configure_optimizers = configure_optimizers
 
     def before_fit(self) -> None:
         declare_best_summaries(self.trainer)
@@ -299,17 +273,17 @@ class DGMCLI(LightningCLI):
         announce_offline_wandb(self.trainer)
 
 
-def settings_changed(configured, loaded) -> list[str]:
-    """'name: checkpoint value, configured value' for each model setting that the checkpoint changed (the class,
-    or an init argument configured to something other than None)."""
-    if configured.class_path != loaded.class_path:
-        return [f"model: {loaded.class_path} in the checkpoint, {configured.class_path} configured"]
-    # LightningCLI puts the checkpoint's settings in dict_kwargs, which take precedence over init_args
-    ours, theirs = configured.init_args.as_dict(), {**loaded.init_args.as_dict(), **loaded.get("dict_kwargs", {})}
+def settings_changed(configured: Namespace, saved: dict[str, Any]) -> list[str]:
+    """'name: checkpoint value, configured value' for each model setting that the checkpoint's settings (its
+    ``hyper_parameters``) change: the class, or an init argument configured to something other than None."""
+    class_path = saved.get("_class_path")
+    if class_path is not None and class_path != configured.class_path:
+        return [f"model: {class_path} in the checkpoint, {configured.class_path} configured"]
+    ours, theirs = comparable_settings(configured.init_args.as_dict()), comparable_settings(saved)
     return [
-        f"{key}: {theirs.get(key)!r} in the checkpoint, {value!r} configured"
+        f"{key}: {theirs[key]!r} in the checkpoint, {value!r} configured"
         for key, value in ours.items()
-        if value is not None and theirs.get(key) != value
+        if value is not None and key in theirs and theirs[key] != value
     ]
 
 
@@ -339,11 +313,9 @@ def output_roots(trainer: Namespace) -> list[Path]:
     return list(dict.fromkeys(Path(root or ".") for root in roots))
 
 
-def resolve_checkpoint(path: str) -> str:
-    """``--ckpt_path`` given as a file: checked to be a readable Lightning checkpoint, so that a bad one fails
-    before any run starts."""
-    if path in ("hpc", "registry"):
-        return path
+def read_checkpoint_settings(path: str) -> dict[str, Any]:
+    """The model settings (``hyper_parameters``) of ``--ckpt_path`` given as a file, checked to be a readable
+    Lightning checkpoint, so that a bad one fails before any run starts."""
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"--ckpt_path {path}: no such file; give a .ckpt file (runs/<project>/<run>/checkpoints/last.ckpt), "
@@ -359,7 +331,7 @@ def resolve_checkpoint(path: str) -> str:
             f"--ckpt_path {path} is not a checkpoint of a dgm-lightning model (it has no hyper_parameters); "
             "give a .ckpt file saved by the Trainer"
         )
-    return path
+    return dict(checkpoint["hyper_parameters"])
 
 
 def declare_best_summaries(trainer: L.Trainer) -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributions import Normal
 
 from dgm_lightning import objectives
-from dgm_lightning.autoencoder import Architecture, Likelihood
 from dgm_lightning.checks import check_positive_int
 from dgm_lightning.nets.flow_layers import planar_flow
+from dgm_lightning.objectives import Objective
 from dgm_lightning.vae import VAE
 
 
@@ -29,39 +29,22 @@ class FlowVAE(VAE):
 
     Args:
         num_flows: number of planar flows K.
-        Others: see ``VAE``; free bits are not offered, as the Monte Carlo KL has no per-dimension split.
+        beta, iwae_samples: as in ``VAE``; free bits are not offered, as the Monte Carlo KL has no per-dimension
+            split.
+        settings: see ``LatentVariableModel``.
 
     References: Rezende & Mohamed 2015, arXiv:1505.05770; IWAE bound, Burda et al. 2015, arXiv:1509.00519.
     """
 
     def __init__(
-        self,
-        latent_dim: int = 16,
-        *,
-        num_flows: int = 4,
-        data_shape: Sequence[int] = (1, 28, 28),
-        value_range: Sequence[float] = (0.0, 1.0),
-        architecture: Architecture = "mlp",
-        hidden_dims: Sequence[int] | None = None,
-        likelihood: Likelihood = "bernoulli",
-        gaussian_scale: float = 0.1,
-        num_classes: int | None = None,
-        beta: float = 1.0,
-        iwae_samples: int = 100,
-        lr: float = 1e-3,
-        compile: bool = False,
-        encoder: nn.Module | None = None,
-        decoder: nn.Module | None = None,
-    ) -> None:
+        self, latent_dim: int = 16, *, num_flows: int = 4, beta: float = 1.0, iwae_samples: int = 100,
+        **settings: Any,
+    ) -> None:  # fmt: skip
         if not isinstance(num_flows, int) or num_flows < 0:
             raise ValueError(f"num_flows must be an integer >= 0, got {num_flows!r}")
         self.num_flows = num_flows  # read by encoder_out_dim while the base class builds the encoder
-        super().__init__(
-            latent_dim, data_shape=data_shape, value_range=value_range, architecture=architecture,
-            hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
-            num_classes=num_classes, beta=beta, free_bits=0.0, iwae_samples=iwae_samples, lr=lr,
-            compile=compile, encoder=encoder, decoder=decoder,
-        )  # fmt: skip
+        # settings: those of LatentVariableModel, declared there once (see AE)
+        super().__init__(latent_dim, beta=beta, free_bits=0.0, iwae_samples=iwae_samples, **settings)
         # the VAE's free_bits is not an argument here: drop it, or load_from_checkpoint would pass it back
         self.hparams.pop("free_bits", None)
 
@@ -96,9 +79,14 @@ class FlowVAE(VAE):
         q0, params = self.posterior_and_flows(x, labels=labels)
         return self.apply_flows(q0.mean, params)[0]
 
-    def log_weights(self, x: Tensor, labels: Tensor | None, num_samples: int) -> tuple[Tensor, Tensor, Tensor]:
-        """log p(x | z_K), log p(z_K) and log q(z_K | x) for num_samples draws, each (num_samples, B), and z_K."""
-        q0, params = self.posterior_and_flows(x, labels=labels)
+    def log_weights(
+        self, x: Tensor, labels: Tensor | None, num_samples: int, *, q0: Normal | None = None,
+        params: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """log p(x | z_K), log p(z_K) and log q(z_K | x) for num_samples draws, each (num_samples, B); ``q0`` and
+        ``params`` are the encoder's (``posterior_and_flows``), computed here unless given."""
+        if q0 is None or params is None:
+            q0, params = self.posterior_and_flows(x, labels=labels)
         z0 = q0.rsample((num_samples,))  # (S, B, D)
         z, logdet = self.apply_flows(z0, params)
         log_q = q0.log_prob(z0).sum(-1) - logdet
@@ -108,15 +96,19 @@ class FlowVAE(VAE):
         log_px = px.log_prob(x.repeat(num_samples, *([1] * (x.dim() - 1)))).view(num_samples, -1)
         return log_px, log_pz, log_q
 
-    def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
-        log_px, log_pz, log_q = (t[0] for t in self.log_weights(x, labels, 1))
+    def objective(self, batch: Tensor | Sequence[Tensor]) -> Objective:
+        """The negative ELBO (``loss``, with ``beta``) and its terms, the KL estimated from one sample."""
+        x, labels = self.unpack_batch(batch)
+        q0, params = self.posterior_and_flows(x, labels=labels)
+        log_px, log_pz, log_q = (t[0] for t in self.log_weights(x, labels, 1, q0=q0, params=params))
         # Monte Carlo KL, one sample per example: the flow posterior's KL has no closed form
         terms = objectives.elbo_terms(log_px, log_q - log_pz, beta=self.beta)
-        return terms, self._encode(x, labels).detach()
+        codes = self.apply_flows(q0.mean, params)[0]  # the posterior mean of z_0 pushed through the flows
+        return Objective(terms, batch_size=x.shape[0], codes=codes.detach())
 
-    @torch.no_grad()
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None, num_samples: int = 100) -> Tensor:
-        """IWAE estimate of log p(x) (or log p(x | labels)) in nats, shape (B,), sampling the flow posterior."""
+        """Importance-weighted (IWAE) estimate of log p(x) (or log p(x | labels)) in nats, shape (B,), sampling the
+        flow posterior; differentiable (see ``GenerativeModel``)."""
         check_positive_int(num_samples=num_samples)
         labels = self.check_input(x, labels, "log_prob")
         log_px, log_pz, log_q = self.log_weights(x, labels, num_samples)

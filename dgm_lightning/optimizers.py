@@ -5,6 +5,11 @@ A model takes ``optimizer: OptimizerCallable`` (params -> Optimizer) and ``lr_sc
 --model.optimizer.lr 3e-4`` and ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 20`` work for
 every family, from YAML and from Python (``VAE(optimizer=partial(torch.optim.AdamW, lr=3e-4))``). A GAN takes one of
 each per network.
+
+The default is None, which means Adam (lr 1e-3; a GAN's networks: ``GeneratorAdam`` and ``DiscriminatorAdam``),
+rather than the class itself: given a class default, jsonargparse carries that class's arguments over to the class
+named on the command line, so ``--model.optimizer AdamW`` would silently build AdamW with Adam's weight_decay 0
+instead of its own 0.01.
 """
 
 from __future__ import annotations
@@ -24,14 +29,19 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def optimizer_config(
-    params: Iterable[nn.Parameter], optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None
+    params: Iterable[nn.Parameter],
+    optimizer: OptimizerCallable | None,
+    lr_scheduler: LRSchedulerCallable | None,
+    *,
+    default: OptimizerCallable = torch.optim.Adam,
 ) -> dict[str, Any]:
-    """What ``configure_optimizers`` returns for one optimizer: ``{"optimizer": ..., "lr_scheduler": ...}``.
+    """What ``configure_optimizers`` returns for one optimizer: ``{"optimizer": ..., "lr_scheduler": ...}``, the
+    optimizer built by ``optimizer`` (None: by ``default``).
 
     The scheduler steps once per epoch (Lightning's default interval). ``ReduceLROnPlateau`` needs the metric it
     watches: use ``lightning.pytorch.cli.ReduceLROnPlateau``, which takes it as ``monitor``.
     """
-    built = optimizer(params)
+    built = (default if optimizer is None else optimizer)(params)
     if lr_scheduler is None:
         return {"optimizer": built}
     scheduler = lr_scheduler(built)

@@ -1,6 +1,6 @@
 """Run folders and jobs: where a run's files go, and which earlier runs ``--ckpt_path last`` and ``best`` continue.
 
-A *job* is what a run trains: its ``model``, ``data``, ``optimizer``, ``lr_scheduler``, ``seed_everything`` and
+A *job* is what a run trains: its ``model`` (optimizers included), ``data``, ``seed_everything`` and
 ``trainer.callbacks`` settings, as resolved from the recipe and flags before any checkpoint is read. Everything
 else (the other Trainer settings such as ``max_epochs``, ``devices``, ``precision``, the logger, the output root)
 only says how long, where and on what it runs, and may change between a run and its resumption. Each run writes
@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 JOB_FILE = "job.yaml"
 # the subcommand's top-level settings that make up a job, and trainer.callbacks (schedules are part of the job)
-JOB_KEYS = ("seed_everything", "model", "data", "optimizer", "lr_scheduler")
+JOB_KEYS = ("seed_everything", "model", "data")
 
 
 def job_settings(config: dict[str, Any]) -> dict[str, Any]:

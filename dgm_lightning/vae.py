@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributions import Normal
+from typing_extensions import override
 
 from dgm_lightning import objectives
-from dgm_lightning.autoencoder import Architecture, LatentVariableModel, Likelihood
 from dgm_lightning.checks import check_non_negative, check_positive_int
+from dgm_lightning.latent_variable import LatentVariableModel
+from dgm_lightning.objectives import Objective
 
 
 class VAE(LatentVariableModel):
@@ -30,36 +33,18 @@ class VAE(LatentVariableModel):
         beta: weight of the KL term (1 gives the ELBO; Higgins et al. 2017).
         free_bits: nats per latent dimension below which the KL is not penalised (0 disables).
         iwae_samples: importance samples for ``test/nll``.
-        Others: see ``LatentVariableModel`` (the encoder outputs 2 * latent_dim: mean and log-variance).
+        settings: see ``LatentVariableModel`` (the encoder outputs 2 * latent_dim: mean and log-variance).
 
     References: Kingma & Welling 2013, arXiv:1312.6114; conditional VAE, Sohn et al. 2015 (NeurIPS);
         free bits, Kingma et al. 2016, arXiv:1606.04934; IWAE bound, Burda et al. 2015, arXiv:1509.00519.
     """
 
     def __init__(
-        self,
-        latent_dim: int = 16,
-        *,
-        data_shape: Sequence[int] = (1, 28, 28),
-        value_range: Sequence[float] = (0.0, 1.0),
-        architecture: Architecture = "mlp",
-        hidden_dims: Sequence[int] | None = None,
-        likelihood: Likelihood = "bernoulli",
-        gaussian_scale: float = 0.1,
-        num_classes: int | None = None,
-        beta: float = 1.0,
-        free_bits: float = 0.0,
-        iwae_samples: int = 100,
-        lr: float = 1e-3,
-        compile: bool = False,
-        encoder: nn.Module | None = None,
-        decoder: nn.Module | None = None,
-    ) -> None:
-        super().__init__(
-            latent_dim, data_shape=data_shape, value_range=value_range, architecture=architecture,
-            hidden_dims=hidden_dims, likelihood=likelihood, gaussian_scale=gaussian_scale,
-            num_classes=num_classes, lr=lr, compile=compile, encoder=encoder, decoder=decoder,
-        )  # fmt: skip
+        self, latent_dim: int = 16, *, beta: float = 1.0, free_bits: float = 0.0, iwae_samples: int = 100,
+        **settings: Any,
+    ) -> None:  # fmt: skip
+        # settings: those of LatentVariableModel, declared there once (see AE)
+        super().__init__(latent_dim, **settings)
         check_non_negative(beta=beta, free_bits=free_bits)
         check_positive_int(iwae_samples=iwae_samples)
         self.beta = float(beta)
@@ -90,25 +75,27 @@ class VAE(LatentVariableModel):
         """z from the prior N(prior_loc, prior_scale^2): prior_loc + prior_scale * noise."""
         return self.prior_loc + self.prior_scale * noise
 
-    def loss_terms(self, x: Tensor, labels: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+    def objective(self, batch: Tensor | Sequence[Tensor]) -> Objective:
+        """The negative ELBO (``loss``, with ``beta`` and ``free_bits``), its terms, and in evaluation ``mi``."""
+        x, labels = self.unpack_batch(batch)
         q = self.posterior(x, labels=labels)
         reconstruction = self.decoder_distribution(q.rsample(), labels).log_prob(x)  # (B,)
         kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
         terms = objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
         if not self.training and x.shape[0] > 1:  # a diagnostic, in validation and test
             terms["mi"] = objectives.mutual_information(q)
-        return terms, q.mean
+        return Objective(terms, batch_size=x.shape[0], codes=q.mean.detach())
 
-    @torch.no_grad()
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None, num_samples: int = 100) -> Tensor:
-        """Importance-weighted estimate of log p(x) (or log p(x | labels)) in nats, shape (B,).
+        """Importance-weighted (IWAE) estimate of log p(x) (or log p(x | labels)) in nats, shape (B,), with
+        ``num_samples`` posterior samples: a lower bound that tightens as they grow (see ``GenerativeModel``).
 
         Decodes B * num_samples latents at once; lower ``num_samples`` or the batch size if memory is short.
         """
         check_positive_int(num_samples=num_samples)
         labels = self.check_input(x, labels, "log_prob")
         q = self.posterior(x, labels=labels)
-        z = q.sample((num_samples,))  # (K, B, D)
+        z = q.rsample((num_samples,))  # (K, B, D); reparameterised, so the estimate is differentiable
         log_q = q.log_prob(z).sum(-1)
         log_pz = self.prior.log_prob(z).sum(-1)
         repeated_labels = None if labels is None else labels.repeat(num_samples)
@@ -116,7 +103,8 @@ class VAE(LatentVariableModel):
         log_px = px.log_prob(x.repeat(num_samples, 1, 1, 1)).view(num_samples, -1)
         return objectives.iwae_bound(log_px + log_pz - log_q)
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    @override
+    def test_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
         x, labels = self.unpack_batch(batch)
         nll = -self.log_prob(x, labels=labels, num_samples=self.iwae_samples).mean()

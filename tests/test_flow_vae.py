@@ -24,9 +24,9 @@ def test_with_zero_flows_it_is_the_vae():
     flow_vae.load_state_dict(vae.state_dict())
     x = images(2).repeat(2000, 1, 1, 1)
     torch.manual_seed(0)
-    vae_terms, _ = vae.loss_terms(x, None)
+    vae_terms = vae.objective(x).terms
     torch.manual_seed(0)
-    terms, _ = flow_vae.loss_terms(x, None)
+    terms = flow_vae.objective(x).terms
     torch.testing.assert_close(terms["reconstruction"], vae_terms["reconstruction"])
     assert terms["kl"].item() == pytest.approx(vae_terms["kl"].item(), abs=0.05)
     assert terms["elbo"].item() == pytest.approx(vae_terms["elbo"].item(), abs=0.05)
@@ -60,9 +60,9 @@ def test_the_flows_change_the_posterior_and_every_parameter_gets_a_gradient():
     z0 = q0.sample()
     z, logdet = model.apply_flows(z0, params)
     assert not torch.allclose(z, z0) and logdet.shape == (8,)
-    terms, codes = model.loss_terms(x, y)
-    assert codes.shape == (8, 3) and all(v.isfinite() for v in terms.values())
-    terms["loss"].backward()
+    objective = model.objective((x, y))
+    assert objective.codes.shape == (8, 3) and all(v.isfinite() for v in objective.terms.values())
+    objective.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 
@@ -72,14 +72,14 @@ def test_loss_falls_on_a_fixed_batch():
     digits.setup()
     x = digits.splits["train"].tensors[0][:32]
     model = FlowVAE(latent_dim=4, num_flows=4, **DIGITS)
-    optimizer = model.configure_optimizers()
+    optimizer = model.configure_optimizers()["optimizer"]
     torch.manual_seed(0)
-    first = torch.stack([model.loss_terms(x, None)[0]["loss"] for _ in range(10)]).mean().item()
+    first = torch.stack([model.objective(x).loss for _ in range(10)]).mean().item()
     for _ in range(150):
         optimizer.zero_grad()
-        model.loss_terms(x, None)[0]["loss"].backward()
+        model.objective(x).loss.backward()
         optimizer.step()
-    last = torch.stack([model.loss_terms(x, None)[0]["loss"] for _ in range(10)]).mean().item()
+    last = torch.stack([model.objective(x).loss for _ in range(10)]).mean().item()
     assert last < first - 3.0, (first, last)
 
 

@@ -59,8 +59,7 @@ def test_every_variant_trains_tests_predicts_with_the_right_shapes(model_cls, kw
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned"])
 def test_every_parameter_receives_a_gradient(likelihood):
     model = VAE(latent_dim=3, num_classes=4, likelihood=likelihood, **DIGITS)
-    terms, _ = model.loss_terms(images(8), torch.arange(8) % 4)
-    terms["loss"].backward()
+    model.objective((images(8), torch.arange(8) % 4)).loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 
@@ -69,13 +68,13 @@ def test_every_parameter_receives_a_gradient(likelihood):
 def test_loss_falls_on_a_fixed_batch(model_cls, digits):
     model = model_cls(latent_dim=4, **DIGITS)
     x = digits.splits["train"].tensors[0][:32]
-    optimizer = model.configure_optimizers()
-    first = model.loss_terms(x, None)[0]["loss"].item()
+    optimizer = model.configure_optimizers()["optimizer"]
+    first = model.objective(x).loss.item()
     for _ in range(150):
         optimizer.zero_grad()
-        model.loss_terms(x, None)[0]["loss"].backward()
+        model.objective(x).loss.backward()
         optimizer.step()
-    last = model.loss_terms(x, None)[0]["loss"].item()
+    last = model.objective(x).loss.item()
     assert last < first - 3.0, (first, last)
 
 
@@ -176,7 +175,8 @@ def test_an_encoder_with_the_wrong_output_size_is_named_in_the_error():
         ({"latent_dim": -3}, "latent_dim must be a positive integer"),
         ({"beta": -0.1}, "beta must be >= 0"),
         ({"free_bits": -1.0}, "free_bits must be >= 0"),
-        ({"lr": 0.0}, "lr must be > 0"),
+        ({"optimizer": torch.optim.Adam([torch.zeros(1, requires_grad=True)])}, "optimizer must be a callable"),
+        ({"lr_scheduler": 0.5}, "lr_scheduler must be a callable"),
         ({"likelihood": "poisson"}, "choose one of: bernoulli, continuous_bernoulli, gaussian, gaussian_learned"),
         ({"architecture": "resnet"}, "choose one of: mlp, conv"),
         ({"value_range": (-1.0, 1.0)}, "bernoulli likelihood models pixels in"),

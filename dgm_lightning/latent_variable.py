@@ -1,0 +1,224 @@
+"""What the latent-variable models (AE, VAE, FlowVAE) share: their settings, networks, protocol and steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torchmetrics import CatMetric
+from typing_extensions import override
+
+from dgm_lightning import objectives
+from dgm_lightning.base import GenerativeModel
+from dgm_lightning.checks import check_choice, check_positive, check_positive_int
+from dgm_lightning.nets import build_decoder, build_encoder
+from dgm_lightning.objectives import Likelihood, Objective
+from dgm_lightning.optimizers import check_injected
+
+Architecture = Literal["mlp", "conv"]
+
+
+class LatentVariableModel(GenerativeModel):
+    """What autoencoders and VAEs share: encoder and decoder nets, a named decoder likelihood, conditioning, and the
+    settings below, declared here once (the families take their own and pass the rest on by name).
+
+    Subclasses define ``encoder_out_dim``, ``_encode`` (``encode`` without its input checks), ``latent_from_noise``
+    and ``objective``.
+
+    Args:
+        latent_dim: size of the code.
+        data_shape: (C, H, W) of the images.
+        value_range: (low, high) of pixel values; the Bernoulli likelihoods need (0, 1).
+        architecture: default networks, ``mlp`` or ``conv`` (ignored for injected networks).
+        hidden_dims: hidden sizes (mlp) or channels (conv) of the default encoder; the decoder mirrors them.
+        likelihood: ``bernoulli``, ``continuous_bernoulli``, ``gaussian`` (fixed scale ``gaussian_scale``)
+            or ``gaussian_learned`` (one learned scale, initialised at ``gaussian_scale``).
+        gaussian_scale: standard deviation of the Gaussian likelihoods.
+        num_classes: condition encoder and decoder on labels (one-hot) when set.
+        optimizer: builds the optimizer from the parameters (None: Adam with lr 1e-3); on the command line
+            ``--model.optimizer AdamW --model.optimizer.lr 3e-4``.
+        lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
+            rate); e.g. ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 50``.
+        compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
+        encoder: your own encoder: (B, C [+ num_classes], H, W) -> (B, encoder_out_dim), where encoder_out_dim is
+            latent_dim for the AE and 2 * latent_dim (mean and log-variance) for the VAE.
+        decoder: your own decoder: (B, latent_dim [+ num_classes]) -> (B, C, H, W) distribution parameters
+            (logits for the Bernoullis, means for the Gaussians).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 16,
+        *,
+        data_shape: Sequence[int] = (1, 28, 28),
+        value_range: Sequence[float] = (0.0, 1.0),
+        architecture: Architecture = "mlp",
+        hidden_dims: Sequence[int] | None = None,
+        likelihood: Likelihood = "bernoulli",
+        gaussian_scale: float = 0.1,
+        num_classes: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        if len(data_shape) != 3:
+            raise ValueError(f"data_shape must be three sizes (C, H, W), got {tuple(data_shape)}")
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "lr_scheduler"])
+        check_positive_int(latent_dim=latent_dim)
+        check_positive(gaussian_scale=gaussian_scale)
+        check_choice("likelihood", likelihood, Likelihood)
+        check_choice("architecture", architecture, Architecture)
+        check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        if likelihood in ("bernoulli", "continuous_bernoulli") and self.value_range != (0.0, 1.0):
+            raise ValueError(
+                f"the {likelihood} likelihood models pixels in (0, 1) but value_range is {self.value_range}; "
+                "use value_range (0, 1) or a gaussian likelihood"
+            )
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        cond = num_classes or 0
+        c, h, w = self.data_shape
+        if encoder is None:
+            encoder = build_encoder(architecture, (c + cond, h, w), self.encoder_out_dim, hidden_dims)
+        if decoder is None:
+            decoder = build_decoder(architecture, latent_dim + cond, self.data_shape, hidden_dims)
+        self.encoder, self.decoder = encoder, decoder
+        self.init_log_scale(likelihood, gaussian_scale)
+        # codes (posterior means) of the validation set, gathered across ranks at epoch end
+        self.val_codes = CatMetric()
+
+    @property
+    def encoder_out_dim(self) -> int:
+        """Size of the encoder's output per example."""
+        raise NotImplementedError
+
+    # -- the protocol callbacks use ---------------------------------------------------------------
+
+    def encode(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) -> codes (B, latent_dim): the posterior mean (the AE's code), the input checked as
+        evaluation batches are."""
+        labels = self.check_input(x, labels, "encode")
+        return self._encode(x, labels)
+
+    def _encode(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """``encode`` without the input checks: for batches that ``unpack_batch`` has checked."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Codes (B, latent_dim) -> images (B, C, H, W): the mean of the decoder distribution."""
+        self.check_codes(z, "decode")
+        labels = self.check_labels(labels, z.shape[0])
+        return self.decoder_distribution(z, labels).mean
+
+    def reconstruct(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Decode the code of x (the posterior mean for a VAE)."""
+        labels = self.check_labels(labels, x.shape[0])
+        return self.decode(self.encode(x, labels=labels), labels=labels)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        """Draw n images (B, C, H, W); ``temperature`` scales the latent noise (0 gives the mode); a conditional
+        model draws the classes in turn unless given ``labels``."""
+        labels = self.default_labels(n) if labels is None else labels
+        return self.from_noise(self.draw_noise(n, temperature), labels=labels)
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the standard normal noise of one sample (``from_noise``): (latent_dim,)."""
+        return (self.latent_dim,)
+
+    def from_noise(self, noise: Tensor, *, labels: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) from standard normal noise (B, latent_dim): the decoder mean at the code that the
+        noise gives (``latent_from_noise``). ``sample`` scales the noise by its temperature; an exported sampler
+        (``dgm_lightning.export``) is this map."""
+        labels = self.check_noise(noise, labels)
+        return self.decoder_distribution(self.latent_from_noise(noise), labels).mean
+
+    def latent_from_noise(self, noise: Tensor) -> Tensor:
+        """Codes (B, latent_dim) from standard normal noise (B, latent_dim): the prior's reparameterisation."""
+        raise NotImplementedError
+
+    # -- the objective ---------------------------------------------------------------------------
+
+    def objective(self, batch: Tensor | Sequence[Tensor]) -> Objective:
+        """The training objective on a batch (images, or images and labels): named terms, ``loss`` minimised, and
+        the batch's codes."""
+        raise NotImplementedError
+
+    def encoder_output(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        out = self.encoder(self.condition_images(x, labels))
+        if out.shape != (x.shape[0], self.encoder_out_dim):
+            raise ValueError(
+                f"the encoder must output shape (B, {self.encoder_out_dim}) for latent_dim={self.latent_dim}, "
+                f"got {tuple(out.shape)}"
+            )
+        return out
+
+    def decoder_distribution(self, z: Tensor, labels: Tensor | None) -> Distribution:
+        """p(x | z) as a torch distribution over whole images."""
+        params = self.decoder(self.condition_vectors(z, labels))
+        if params.shape[1:] != self.data_shape:
+            raise ValueError(f"the decoder must output shape (B, {self.data_shape}), got {tuple(params.shape)}")
+        return objectives.reconstruction_distribution(self.likelihood, params, log_scale=self.log_scale)
+
+    def value_range_advice(self) -> str:
+        if self.likelihood in ("bernoulli", "continuous_bernoulli"):
+            return (
+                f"the {self.likelihood} likelihood models values in (0, 1): map the data into (0, 1), or use a "
+                'gaussian likelihood with the range of the data (likelihood="gaussian", value_range=(low, high) in '
+                'Python; --model.likelihood gaussian --model.value_range "[low, high]" on the command line)'
+            )
+        return super().value_range_advice()
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    @override
+    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor | None:
+        objective = self.objective(batch)
+        if self.skip_nonfinite(objective.terms):
+            return None  # Lightning skips the optimizer step
+        self.log_terms(objective.terms, "train", objective.batch_size)
+        self.on_training_codes(objective.codes)
+        return objective.loss
+
+    @override
+    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        objective = self.objective(batch)
+        self.log_terms(objective.terms, "val", objective.batch_size)
+        self.val_codes.update(objective.codes)
+
+    @override
+    def test_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
+        objective = self.objective(batch)
+        self.log_terms(objective.terms, "test", objective.batch_size)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.val_codes.update_called:
+            self.on_validation_codes(self.val_codes.compute())
+        self.val_codes.reset()
+
+    def on_validation_codes(self, codes: Tensor) -> None:
+        """Called with all validation codes (N, latent_dim), gathered across ranks."""
+
+    def on_training_codes(self, codes: Tensor) -> None:
+        """Called with the codes (B, latent_dim) of each training batch that is not skipped."""
+
+    @override
+    def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """For each input batch: the inputs, their reconstructions and as many fresh samples."""
+        x, labels = self.unpack_batch(batch)
+        return {
+            "inputs": x,
+            "reconstructions": self.reconstruct(x, labels=labels),
+            "samples": self.sample(x.shape[0], labels=labels),
+        }
