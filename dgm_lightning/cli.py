@@ -7,7 +7,6 @@ recipes and ``export`` exports a checkpoint's sampler. The installed ``dgm-light
 
 from __future__ import annotations
 
-import inspect
 import logging
 import netrc
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import jsonargparse
 import lightning as L
 import yaml
 from jsonargparse import Namespace, lazy_instance
@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from packaging.version import Version
 
 import callbacks  # noqa: F401  (registers the callbacks' class names for --trainer.callbacks)
 import datamodules  # noqa: F401  (registers the DataModules' class names for --data)
@@ -61,8 +62,8 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
         logging.getLogger(_name).addFilter(LightningAdvertFilter())
 
 # dump/save arguments that keep settings given as null; jsonargparse 4.49 renamed skip_none (which it still takes,
-# with a deprecation warning) to skip_unset
-_SKIP = "skip_unset" if "skip_unset" in inspect.signature(LightningArgumentParser.dump).parameters else "skip_none"
+# with a deprecation warning) to skip_unset. By version: its dump's signature is a deprecation wrapper's (**kwargs)
+_SKIP = "skip_unset" if Version(jsonargparse.__version__) >= Version("4.49") else "skip_none"
 KEEP_NULLS = {_SKIP: False}
 
 

@@ -14,6 +14,7 @@ instead of its own 0.01.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,14 +35,23 @@ def optimizer_config(
     lr_scheduler: LRSchedulerCallable | None,
     *,
     default: OptimizerCallable = torch.optim.Adam,
+    name: str = "optimizer",
 ) -> dict[str, Any]:
     """What ``configure_optimizers`` returns for one optimizer: ``{"optimizer": ..., "lr_scheduler": ...}``, the
-    optimizer built by ``optimizer`` (None: by ``default``).
+    optimizer built by ``optimizer`` (None: by ``default``), whose learning rate must be > 0 (torch accepts 0,
+    which trains nothing); ``name`` is the model's argument, for the error.
 
     The scheduler steps once per epoch (Lightning's default interval). ``ReduceLROnPlateau`` needs the metric it
     watches: use ``lightning.pytorch.cli.ReduceLROnPlateau``, which takes it as ``monitor``.
     """
     built = (default if optimizer is None else optimizer)(params)
+    for group in built.param_groups:
+        lr = float(group.get("lr", 1.0))
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(
+                f"{name} builds {type(built).__name__} with lr {lr}, which would train nothing (0) or diverge; give "
+                f"a finite learning rate > 0 (--model.{name}.lr)"
+            )
     if lr_scheduler is None:
         return {"optimizer": built}
     scheduler = lr_scheduler(built)

@@ -41,16 +41,14 @@ SMALL = [
 ]  # fmt: skip
 # a scheduler too, so that its state is part of what a resume must restore; the GAN steps its own
 SCHEDULER = [
-    "--optimizer",
-    "Adam",
-    "--lr_scheduler",
+    "--model.lr_scheduler",
     "StepLR",
-    "--lr_scheduler.step_size",
+    "--model.lr_scheduler.step_size",
     "1",
-    "--lr_scheduler.gamma",
+    "--model.lr_scheduler.gamma",
     "0.5",
 ]
-GAN_SCHEDULER = ["--model.scheduler_g", "torch.optim.lr_scheduler.StepLR", "--model.scheduler_g.step_size", "1"]
+GAN_SCHEDULER = ["--model.lr_scheduler_g", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler_g.step_size", "1"]
 
 
 def fit(family: str, root: Path, *flags: str):
@@ -227,11 +225,13 @@ def test_a_nan_in_evaluation_data_is_named(family, tmp_path):
 
 @pytest.mark.parametrize("family", RECIPES)
 def test_a_non_positive_learning_rate_or_size_is_named_by_every_family(family):
-    lr = "--model.lr_g" if family == "gan" else "--model.lr"
-    size = {"flow": "--model.hidden_channels", "classifier": "--model.feature_dim"}.get(family, "--model.latent_dim")
-    for flag, message in [(lr, "lr(_g)? must be > 0"), (size, "must be (> 0|a positive integer)")]:
-        with pytest.raises(ValueError, match=message):
-            DGMCLI(args=["--config", str(CONFIGS / f"{RECIPES[family]}.yaml"), flag, "0"], run=False)
+    size = {"flow": "--model.num_steps", "classifier": "--model.feature_dim"}.get(family, "--model.latent_dim")
+    with pytest.raises(ValueError, match="must be (> 0|a positive integer)"):
+        DGMCLI(args=["--config", str(CONFIGS / f"{RECIPES[family]}.yaml"), size, "0"], run=False)
+    # the optimizer is built when training starts, on the model's parameters: refused then, before any step
+    optimizer = "--model.optimizer_d" if family == "gan" else "--model.optimizer"
+    with pytest.raises(ValueError, match=rf"builds Adam with lr 0.0, which would train nothing.*{optimizer}.lr"):
+        fit(family, Path.cwd(), optimizer, "Adam", f"{optimizer}.lr", "0", "--trainer.fast_dev_run", "1")
 
 
 def test_the_node_count_goes_to_the_trainer_as_given():
