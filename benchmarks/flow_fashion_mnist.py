@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from dgm_lightning import Flow
 
@@ -29,9 +31,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget (wall clock)")
     parser.add_argument("--num-scales", type=int, default=2)
     parser.add_argument("--num-steps", type=int, default=8, help="flow steps per scale")
-    parser.add_argument("--hidden-channels", type=int, default=128)
+    parser.add_argument(
+        "--hidden-dims", type=int, nargs="+", default=[128, 128], help="channels of the coupling nets' hidden layers"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--data-dir", default=str(SYSTEM_DATA) if SYSTEM_DATA.exists() else "data")
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--accelerator", default="auto")
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = FashionMNISTDataModule(data_dir=args.data_dir, download=args.download, batch_size=args.batch_size)
     model = Flow(
         args.architecture, data_shape=(1, 28, 28), num_scales=args.num_scales, num_steps=args.num_steps,
-        hidden_channels=args.hidden_channels, quantization_levels=256, lr=args.lr,
+        hidden_dims=args.hidden_dims, quantization_levels=256, optimizer=partial(torch.optim.Adam, lr=args.lr),
     )  # fmt: skip
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, max_time=timedelta(minutes=args.minutes), max_epochs=-1,

@@ -49,7 +49,8 @@ def density_panels(
         step = (high - low) / resolution
         centres = torch.linspace(low + step / 2, high - step / 2, resolution, device=model.device)
         ys, xs = torch.meshgrid(centres.flip(0), centres, indexing="ij")  # top row = highest y
-        log_density = model.log_prob(torch.stack([xs, ys], -1).view(-1, 2)).view(resolution, resolution).cpu()
+        with torch.no_grad():  # log_prob is differentiable: no graph over the resolution^2 grid
+            log_density = model.log_prob(torch.stack([xs, ys], -1).view(-1, 2)).view(resolution, resolution).cpu()
         log_density = torch.nan_to_num(log_density.float(), nan=-torch.inf)
         panels.append(colorize((log_density - log_density.max()).exp()))
     panels.append(histogram_image(model.sample(num_points), value_range, resolution))

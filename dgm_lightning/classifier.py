@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 from dgm_lightning.base import GenerativeModel
-from dgm_lightning.checks import check_positive
+from dgm_lightning.checks import check_positive_int
 from dgm_lightning.nets import ConvEncoder
+from dgm_lightning.objectives import Objective
+from dgm_lightning.optimizers import check_injected
 
 
 class Classifier(GenerativeModel):
@@ -26,8 +29,11 @@ class Classifier(GenerativeModel):
         data_shape: (C, H, W) of the images.
         value_range: (low, high) of pixel values.
         feature_dim: size of the penultimate layer (the features).
-        hidden_dims: channels of the stride-2 convolutions.
-        lr: Adam learning rate.
+        hidden_dims: channels of the stride-2 convolutions, one entry per hidden layer.
+        optimizer: builds the optimizer from the parameters (None: Adam with lr 1e-3); on the command line
+            ``--model.optimizer AdamW --model.optimizer.lr 3e-4``.
+        lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
+            rate); e.g. ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 50``.
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
 
     References: features of a domain classifier for FID-like scores, e.g. Lucic et al. 2018, arXiv:1711.10337.
@@ -41,13 +47,15 @@ class Classifier(GenerativeModel):
         value_range: Sequence[float] = (0.0, 1.0),
         feature_dim: int = 128,
         hidden_dims: Sequence[int] = (32, 64, 128),
-        lr: float = 1e-3,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
-        self.save_hyperparameters()
-        check_positive(feature_dim=feature_dim, lr=lr)
-        self.lr = lr
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        check_positive_int(feature_dim=feature_dim)
+        check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.feature_dim = feature_dim
         self.body = nn.Sequential(ConvEncoder(self.data_shape, feature_dim, hidden_dims), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
@@ -60,29 +68,33 @@ class Classifier(GenerativeModel):
         self.check_shape(x, "images")
         return self.body(x)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         """Images -> class logits (B, num_classes)."""
         return self.head(self.features(x))
 
-    def _shared_step(self, batch, stage: str) -> Tensor | None:
+    def objective(self, batch) -> Objective:
+        """The training objective on a batch of (images, labels): ``loss``, the cross-entropy of the labels, and
+        ``accuracy``, the fraction classified right (weighted by batch size, the batches' means give the epoch's)."""
         x, labels = self.unpack_batch(batch)
         logits = self(x)
-        loss = F.cross_entropy(logits, labels)
-        if stage == "train" and self.skip_nonfinite({"loss": loss}):
-            return None
-        # the batch accuracies' mean weighted by batch size (log_terms) is the epoch's accuracy
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        self.log_terms({"loss": loss, "accuracy": accuracy}, stage, batch_size=x.shape[0])
-        return loss
+        terms = {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
+        return Objective(terms=terms, batch_size=x.shape[0])
 
+    @override
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train")
+        objective = self.objective(batch)
+        if self.skip_nonfinite(objective.terms):
+            return None  # Lightning skips the optimizer step
+        self.log_terms(objective.terms, "train", objective.batch_size)
+        return objective.loss
 
+    @override
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        objective = self.objective(batch)
+        self.log_terms(objective.terms, "val", objective.batch_size)
 
+    @override
     def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        objective = self.objective(batch)
+        self.log_terms(objective.terms, "test", objective.batch_size)

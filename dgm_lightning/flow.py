@@ -7,18 +7,19 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.distributions import AffineTransform, ComposeTransform, Independent, Normal, SigmoidTransform, Transform
+from typing_extensions import override
 
 from dgm_lightning import objectives
 from dgm_lightning.base import GenerativeModel
-from dgm_lightning.checks import check_positive
-from dgm_lightning.nets.flow_layers import multiscale_flow, vector_flow
+from dgm_lightning.checks import check_choice, check_positive_int
+from dgm_lightning.nets.flow_layers import FlowArchitecture, multiscale_flow, vector_flow
+from dgm_lightning.objectives import Objective
+from dgm_lightning.optimizers import check_injected
 
-FlowArchitecture = Literal["realnvp", "glow"]
-ARCHITECTURES = ("realnvp", "glow")
 Preprocessing = Literal["logit", "none"]
-PREPROCESSINGS = ("logit", "none")
 
 
 class Flow(GenerativeModel):
@@ -49,15 +50,20 @@ class Flow(GenerativeModel):
         num_classes: makes the base distribution class-conditional: a learned mean and scale per class.
         num_scales: L, scales of the multi-scale image flow (ignored for vectors).
         num_steps: K, flow steps per scale (images) or coupling steps (vectors).
-        hidden_channels: width of the coupling networks.
+        hidden_dims: widths of the coupling networks' hidden layers, one entry per hidden layer: channels for
+            images (a 3x3 convolution into the first, 1x1 between them, a 3x3 out: (64, 64) is RealNVP's and Glow's
+            network), features for vectors (an MLP).
         quantization_levels: number of discrete values per dimension the data takes (256 for 8-bit
             images), or None for continuous data (no dequantization).
         preprocessing: ``logit`` (images) or ``none`` (unbounded or continuous data such as 2D toys).
         logit_alpha: squashing margin of the logit preprocessing, in (0, 0.5).
-        lr: Adam learning rate.
+        optimizer: builds the optimizer from the parameters (None: Adam with lr 1e-3); on the command line
+            ``--model.optimizer AdamW --model.optimizer.lr 3e-4``.
+        lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
+            rate); e.g. ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 50``.
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
         flow: your own invertible module: ``forward(x) -> (z, logdet)`` of shape (B, *data_shape) and (B,),
-            and ``inverse(z)`` (``architecture``, ``num_scales``, ``num_steps``, ``hidden_channels`` are then unused).
+            and ``inverse(z)`` (``architecture``, ``num_scales``, ``num_steps``, ``hidden_dims`` are then unused).
 
     The default flows' ActNorm layers initialise from the first batch they see in training mode (Glow's
     data-dependent initialisation); the state is saved in checkpoints.
@@ -77,39 +83,31 @@ class Flow(GenerativeModel):
         num_classes: int | None = None,
         num_scales: int = 2,
         num_steps: int = 4,
-        hidden_channels: int = 64,
+        hidden_dims: Sequence[int] = (64, 64),
         quantization_levels: int | None = 256,
         preprocessing: Preprocessing = "logit",
         logit_alpha: float = 0.05,
-        lr: float = 1e-3,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         flow: nn.Module | None = None,
     ) -> None:
         super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
-        self.save_hyperparameters(ignore=["flow"])
-        objectives.check_choice("architecture", architecture, ARCHITECTURES)
-        objectives.check_choice("preprocessing", preprocessing, PREPROCESSINGS)
-        check_positive(num_scales=num_scales, num_steps=num_steps, hidden_channels=hidden_channels, lr=lr)
-        if len(self.data_shape) not in (1, 3):
-            raise ValueError(f"data_shape must be (C, H, W) or (D,), got {self.data_shape}")
-        if quantization_levels is not None and quantization_levels < 2:
-            raise ValueError(
-                f"quantization_levels must be >= 2 (or None for continuous data), got {quantization_levels}"
-            )
-        if not 0 < logit_alpha < 0.5:
-            raise ValueError(f"logit_alpha must be in (0, 0.5), got {logit_alpha}")
+        self.save_hyperparameters(ignore=["flow", "optimizer", "lr_scheduler"])
+        _check_settings(
+            architecture=architecture, preprocessing=preprocessing, data_shape=self.data_shape, num_scales=num_scales,
+            num_steps=num_steps, quantization_levels=quantization_levels, logit_alpha=logit_alpha,
+        )  # fmt: skip
+        check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.quantization_levels = quantization_levels
-        self.lr = lr
         if flow is None:
             if len(self.data_shape) == 3:
                 flow = multiscale_flow(
-                    architecture, self.data_shape, num_scales=num_scales, num_steps=num_steps,
-                    hidden_channels=hidden_channels,
-                )  # fmt: skip
-            else:
-                flow = vector_flow(
-                    architecture, self.data_shape[0], num_steps=num_steps, hidden_features=hidden_channels
+                    architecture, self.data_shape, num_scales=num_scales, num_steps=num_steps, hidden_dims=hidden_dims
                 )
+            else:
+                flow = vector_flow(architecture, self.data_shape[0], num_steps=num_steps, hidden_dims=hidden_dims)
         self.flow = flow
         self.preprocessing = preprocessing
         self.logit_alpha = logit_alpha
@@ -159,7 +157,9 @@ class Flow(GenerativeModel):
         return Independent(Normal(self.base_loc[labels], self.base_log_scale[labels].exp(), validate_args=False), 1)
 
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None) -> Tensor:
-        """Exact log-density of (continuous, already dequantized) x in value_range units, nats, shape (B,).
+        """Log-density of (continuous, already dequantized) x in value_range units, nats, shape (B,): exact for
+        flows, an importance-weighted (IWAE) estimate for latent-variable models; differentiable (the flow's
+        training objective is its negative mean), so wrap it in ``torch.no_grad()`` to evaluate.
 
         x is checked as training batches are; dequantized data reach one quantization step above value_range.
         """
@@ -181,11 +181,14 @@ class Flow(GenerativeModel):
             )
         return self.base_distribution(labels).log_prob(z.flatten(1)) + logdet_flow + logdet_pre
 
-    def likelihood_terms(self, x: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
-        """``loss`` (= ``nll``) and ``bpd`` of a batch of data x, dequantized first."""
+    def objective(self, batch) -> Objective:
+        """The training objective on a batch as the DataModule yields it (data, or (data, labels)): ``loss`` (=
+        ``nll``, the negative mean ``log_prob`` of the batch dequantized first) and ``bpd``."""
+        x, labels = self.unpack_batch(batch)
         nll = -self._log_prob(self.dequantize(x), labels).mean()
         discrete = nll if self.bin_width is None else nll - self.num_dims * math.log(self.bin_width)
-        return {"loss": nll, "nll": nll, "bpd": objectives.bits_per_dim(discrete, self.num_dims)}
+        terms = {"loss": nll, "nll": nll, "bpd": objectives.bits_per_dim(discrete, self.num_dims)}
+        return Objective(terms=terms, batch_size=x.shape[0])
 
     # -- the sampling protocol ------------------------------------------------------------------
 
@@ -218,30 +221,52 @@ class Flow(GenerativeModel):
 
     # -- Lightning hooks -----------------------------------------------------------------------
 
-    def _shared_step(self, batch, stage: str) -> Tensor | None:
-        x, labels = self.unpack_batch(batch)
-        terms = self.likelihood_terms(x, labels)
-        if stage == "train" and self.skip_nonfinite(terms):
-            return None
-        self.log_terms(terms, stage, batch_size=x.shape[0])
-        return terms["loss"]
-
+    @override
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train")  # None: Lightning skips the optimizer step
+        objective = self.objective(batch)
+        if self.skip_nonfinite(objective.terms):
+            return None  # Lightning skips the optimizer step
+        self.log_terms(objective.terms, "train", objective.batch_size)
+        return objective.loss
 
+    @override
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        objective = self.objective(batch)
+        self.log_terms(objective.terms, "val", objective.batch_size)
 
+    @override
     def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        objective = self.objective(batch)
+        self.log_terms(objective.terms, "test", objective.batch_size)
 
+    @override
     def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         """For each input batch: the inputs and as many fresh samples (with the same labels)."""
         x, labels = self.unpack_batch(batch)
         return {"inputs": x, "samples": self.sample(x.shape[0], labels=labels)}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+def _check_settings(
+    *,
+    architecture: str,
+    preprocessing: str,
+    data_shape: tuple[int, ...],
+    num_scales: int,
+    num_steps: int,
+    quantization_levels: int | None,
+    logit_alpha: float,
+) -> None:
+    """Refuse settings of a ``Flow`` that cannot work, each error naming the setting (the coupling networks' widths
+    are checked where they are built: ``flow_layers.check_hidden_dims``)."""
+    check_choice("architecture", architecture, FlowArchitecture)
+    check_choice("preprocessing", preprocessing, Preprocessing)
+    check_positive_int(num_scales=num_scales, num_steps=num_steps)
+    if len(data_shape) not in (1, 3):
+        raise ValueError(f"data_shape must be (C, H, W) or (D,), got {data_shape}")
+    if quantization_levels is not None and quantization_levels < 2:
+        raise ValueError(f"quantization_levels must be >= 2 (or None for continuous data), got {quantization_levels}")
+    if not 0 < logit_alpha < 0.5:
+        raise ValueError(f"logit_alpha must be in (0, 0.5), got {logit_alpha}")
 
 
 def _per_example_sum(t: Tensor) -> Tensor:

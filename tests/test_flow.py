@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,13 +14,15 @@ from torch.autograd.functional import jacobian
 from torch.distributions import Normal
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks.density import density_panels
 from datamodules import DigitsDataModule, Toy2DDataModule
 from dgm_lightning import Flow
+from dgm_lightning.nets import flow_layers
 from dgm_lightning.nets.flow_layers import AffineCoupling, FlowSequential, alternating_mask, mlp_coupling_net
 from tests.helpers import images, trainer
 
 DTYPE = torch.float64
-TINY = dict(num_scales=2, num_steps=2, hidden_channels=8)
+TINY = dict(num_scales=2, num_steps=2, hidden_dims=(8, 8))
 
 
 def perturb(model: nn.Module) -> nn.Module:
@@ -40,11 +43,24 @@ MODELS = {
         quantization_levels=None,
         preprocessing="none",
         num_steps=3,
-        hidden_channels=8,
+        hidden_dims=(8, 8),
     ),  # fmt: skip
     "glow-vector-conditional": dict(
-        architecture="glow", data_shape=(2,), num_classes=3, quantization_levels=5, num_steps=2, hidden_channels=8
+        architecture="glow", data_shape=(2,), num_classes=3, quantization_levels=5, num_steps=2, hidden_dims=(8, 8)
     ),
+    # coupling networks of three hidden layers of other widths: 3x3, 1x1, 1x1, 3x3 convolutions; a 4-layer MLP
+    "realnvp-image-widths": dict(
+        architecture="realnvp", data_shape=(1, 4, 4), num_scales=2, num_steps=2, hidden_dims=(16, 8, 16)
+    ),
+    "glow-vector-widths": dict(
+        architecture="glow",
+        data_shape=(3,),
+        value_range=(-2.0, 2.0),
+        quantization_levels=None,
+        preprocessing="none",
+        num_steps=2,
+        hidden_dims=(16, 8, 16),
+    ),  # fmt: skip
 }
 
 
@@ -81,7 +97,7 @@ def test_whole_model_inverts_and_its_log_prob_matches_the_autograd_jacobian(name
 )
 def test_the_density_integrates_to_one_over_the_data_space(kwargs, box):
     """Every change-of-variables term (scaling to [0, 1], logit, flow) counted: a 2D density must integrate to 1."""
-    model = perturb(Flow("realnvp", data_shape=(2,), num_steps=2, hidden_channels=8, **kwargs).double())
+    model = perturb(Flow("realnvp", data_shape=(2,), num_steps=2, hidden_dims=(8, 8), **kwargs).double())
     n = 801
     edges = torch.linspace(*box, n + 1, dtype=DTYPE)
     mid = (edges[1:] + edges[:-1]) / 2  # midpoint rule copes with the logit's integrable edges
@@ -93,7 +109,9 @@ def test_the_density_integrates_to_one_over_the_data_space(kwargs, box):
 
 def test_the_logit_margin_only_loses_mass_so_the_nll_is_an_upper_bound():
     """logit_alpha > 0 maps the data space onto a bounded part of the base; the rest of its mass is wasted."""
-    model = perturb(Flow("realnvp", data_shape=(2,), quantization_levels=None, num_steps=2, hidden_channels=8).double())
+    model = perturb(
+        Flow("realnvp", data_shape=(2,), quantization_levels=None, num_steps=2, hidden_dims=(8, 8)).double()
+    )
     mid = (torch.arange(800, dtype=DTYPE) + 0.5) / 800
     with torch.no_grad():
         mass = model.log_prob(torch.cartesian_prod(mid, mid)).exp().mean()
@@ -106,7 +124,7 @@ def test_nll_and_bits_per_dim_of_a_known_density():
                  flow=FlowSequential())  # fmt: skip
     x = torch.tensor([[0.0, 0.25, 1.0], [0.5, 0.75, 0.0]])
     torch.manual_seed(1)
-    terms = model.likelihood_terms(x, None)
+    terms = model.objective(x).terms
     torch.manual_seed(1)
     dequantized = x + 0.25 * torch.rand_like(x)
     nll = -Normal(0.0, 1.0).log_prob(dequantized).sum(1).mean()
@@ -114,7 +132,7 @@ def test_nll_and_bits_per_dim_of_a_known_density():
     # bits/dim of the discrete data: each of the 5 levels is a cell of width 1/4
     torch.testing.assert_close(terms["bpd"], (nll / 3 + math.log(4)) / math.log(2))
     continuous = Flow(data_shape=(3,), quantization_levels=None, preprocessing="none", flow=FlowSequential())
-    terms = continuous.likelihood_terms(x, None)
+    terms = continuous.objective(x).terms
     torch.testing.assert_close(terms["bpd"], -Normal(0.0, 1.0).log_prob(x).sum(1).mean() / (3 * math.log(2)))
 
 
@@ -128,7 +146,7 @@ def test_a_uniform_model_of_discrete_data_costs_log2_levels_bits():
         1,
     )
     x = torch.randint(0, 17, (64, 2)) / 16.0
-    bpd = model.likelihood_terms(x, None)["bpd"]
+    bpd = model.objective(x).terms["bpd"]
     torch.testing.assert_close(bpd, torch.tensor(math.log2(17)), atol=1e-5, rtol=0)
 
 
@@ -136,11 +154,11 @@ def test_a_uniform_model_of_discrete_data_costs_log2_levels_bits():
 def test_finite_likelihood_at_initialisation_and_every_parameter_gets_a_gradient(architecture):
     model = Flow(architecture, data_shape=(1, 8, 8), num_classes=10, quantization_levels=17, **TINY)
     x, y = images(8), torch.arange(8)
-    terms = model.likelihood_terms(x, y)  # first pass: ActNorm initialises from this batch
+    terms = model.objective((x, y)).terms  # first pass: ActNorm initialises from this batch
     assert all(v.isfinite() for v in terms.values())
     assert 0 < terms["bpd"] < 2 * math.log2(17)
     perturb(model).train()
-    model.likelihood_terms(x, y)["loss"].backward()
+    model.objective((x, y)).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 
@@ -155,7 +173,8 @@ def test_two_moons_test_nll_falls_clearly_below_the_base_density_and_samples_mov
     data = Toy2DDataModule("two_moons", num_train=4000, num_val=200, num_test=1000, batch_size=200)
     data.setup()
     model = Flow("realnvp", data_shape=(2,), value_range=(-4.0, 4.0), quantization_levels=None,
-                 preprocessing="none", num_steps=6, hidden_channels=32, lr=5e-3)  # fmt: skip
+                 preprocessing="none", num_steps=6, hidden_dims=(32, 32),
+                 optimizer=partial(torch.optim.Adam, lr=5e-3))  # fmt: skip
     test_points = data.splits["test"].tensors[0]
     base_nll = -Normal(0.0, 1.0).log_prob(test_points).sum(1).mean().item()
     trainer(max_epochs=12, limit_val_batches=0).fit(model, datamodule=data)
@@ -193,7 +212,8 @@ def test_class_conditional_flow_prefers_the_true_labels_after_training():
     y = torch.arange(256) % 2
     x = torch.randn(256, 2) * 0.3 + torch.tensor([[-2.0, 0.0], [2.0, 0.0]])[y]
     model = Flow("realnvp", data_shape=(2,), value_range=(-4.0, 4.0), num_classes=2, quantization_levels=None,
-                 preprocessing="none", num_steps=2, hidden_channels=16, lr=1e-2)  # fmt: skip
+                 preprocessing="none", num_steps=2, hidden_dims=(16, 16),
+                 optimizer=partial(torch.optim.Adam, lr=1e-2))  # fmt: skip
     trainer(max_epochs=20).fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=64))
     with torch.no_grad():
         right, wrong = model.log_prob(x, labels=y).mean(), model.log_prob(x, labels=1 - y).mean()
@@ -215,7 +235,7 @@ class OverflowingLogdet(nn.Module):
 
 
 def test_an_overflowing_logdet_skips_the_step_without_touching_the_weights_then_stops():
-    coupling = AffineCoupling(alternating_mask(2, 0), mlp_coupling_net(2, 8), scale="tanh")
+    coupling = AffineCoupling(alternating_mask(2, 0), mlp_coupling_net(2, (8, 8)), scale="tanh")
     flow = FlowSequential(perturb(coupling), OverflowingLogdet())
     model = Flow(data_shape=(2,), quantization_levels=None, preprocessing="none", flow=flow)
     before = [p.detach().clone() for p in model.parameters()]
@@ -259,7 +279,11 @@ def test_fit_test_predict_and_resume_from_a_checkpoint_on_digits(tmp_path):
         ({"preprocessing": "tanh"}, "choose one of: logit, none"),
         ({"quantization_levels": 1}, "quantization_levels must be >= 2"),
         ({"logit_alpha": 0.5}, "logit_alpha must be in"),
-        ({"num_steps": 0}, "num_steps must be > 0"),
+        ({"num_steps": 0}, "num_steps must be a positive integer, got 0"),
+        ({"num_scales": 1.5}, "num_scales must be a positive integer, got 1.5"),
+        ({"hidden_dims": ()}, "a coupling network needs at least one hidden layer: give hidden_dims a width"),
+        ({"hidden_dims": (8, 0)}, r"hidden_dims\[1\] must be a positive integer, got 0"),
+        ({"optimizer": torch.optim.Adam([nn.Parameter(torch.zeros(1))])}, "optimizer must be a callable that builds"),
         ({"data_shape": (1, 8)}, "must be \\(C, H, W\\) or \\(D,\\)"),
         ({"data_shape": (1, 6, 6)}, "cannot be squeezed 2 times"),
         ({"num_classes": 1}, "num_classes must be >= 2"),
@@ -283,3 +307,92 @@ def test_an_injected_flow_that_changes_the_shape_is_named():
 def test_a_flow_that_does_not_fit_the_datamodule_fails_before_training():
     with pytest.raises(ValueError, match=r"built for examples of shape \(2,\).*yields \(1, 8, 8\)"):
         trainer(fast_dev_run=True).fit(Flow(data_shape=(2,)), datamodule=DigitsDataModule())
+
+
+# -- the one model API (issue 12): widths, injected optimizers, the objective, log_prob's gradient -------------------
+
+
+@pytest.mark.parametrize("architecture", ["glow", "realnvp"])
+@pytest.mark.parametrize("data_shape", [(1, 8, 8), (3,)], ids=["image", "vector"])
+def test_hidden_dims_are_the_widths_of_every_coupling_networks_hidden_layers(architecture, data_shape):
+    model = Flow(architecture, data_shape=data_shape, num_steps=2, hidden_dims=(16, 8, 16))
+    nets = [m.net for m in model.modules() if isinstance(m, AffineCoupling)]
+    assert len(nets) >= 2
+    for net in nets:
+        layers = [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if len(data_shape) == 3:
+            widths = [layer.out_channels for layer in layers]
+            assert [layer.kernel_size[0] for layer in layers] == [3, 1, 1, 3]
+            assert widths == [16, 8, 16, 2 * layers[0].in_channels]
+        else:
+            assert [layer.out_features for layer in layers] == [16, 8, 16, 2 * 3]
+
+
+def flow_coupling_net_before_issue_12(in_channels: int, width: int) -> nn.Module:
+    """Flow's coupling network as it was with ``hidden_channels=width``: the reference the default must reproduce."""
+    net = nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 1), nn.ReLU(),
+        nn.Conv2d(width, 2 * in_channels, 3, padding=1),
+    )  # fmt: skip
+    nn.init.zeros_(net[4].weight)
+    nn.init.zeros_(net[4].bias)
+    return net
+
+
+@pytest.mark.parametrize("architecture", ["glow", "realnvp"])
+def test_the_default_widths_give_the_flow_of_hidden_channels_64_parameter_for_parameter(architecture, monkeypatch):
+    torch.manual_seed(0)
+    new = Flow(architecture)
+    assert new.hparams.hidden_dims == (64, 64)
+    monkeypatch.setattr(
+        flow_layers, "conv_coupling_net", lambda c, hidden_dims: flow_coupling_net_before_issue_12(c, 64)
+    )
+    torch.manual_seed(0)
+    old = Flow(architecture)
+    # parameter counts of Flow(architecture, hidden_channels=64) before issue 12
+    assert sum(p.numel() for p in new.parameters()) == {"glow": 117_616, "realnvp": 171_560}[architecture]
+    old_state = old.state_dict()
+    assert new.state_dict().keys() == old_state.keys()  # the same names: checkpoints still load
+    assert all(torch.equal(value, old_state[name]) for name, value in new.state_dict().items())
+
+
+def test_an_injected_optimizer_and_scheduler_train_the_flow():
+    model = Flow(data_shape=(2,), quantization_levels=None, preprocessing="none", num_steps=1, hidden_dims=(4,),
+                 optimizer=partial(torch.optim.SGD, lr=0.1),
+                 lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))  # fmt: skip
+    assert not {"optimizer", "lr_scheduler", "lr"} & set(model.hparams)
+    before = [p.detach().clone() for p in model.parameters()]
+    fit = trainer(max_epochs=1)
+    fit.fit(model, train_dataloaders=DataLoader(TensorDataset(torch.rand(8, 2)), batch_size=4))
+    (optimizer,) = fit.optimizers
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # 0.1, halved after the one epoch
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_the_objective_is_the_negative_mean_log_prob_of_the_batch_dequantized_and_log_prob_is_differentiable():
+    model = perturb(Flow("glow", data_shape=(1, 4, 4), num_classes=3, quantization_levels=17, **TINY))
+    x, y = images(4, (1, 4, 4)), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(5)
+    objective = model.objective((x, y))
+    torch.manual_seed(5)
+    log_prob = model.log_prob(model.dequantize(x), labels=y)
+    assert objective.batch_size == 4 and set(objective.terms) == {"loss", "nll", "bpd"}
+    torch.testing.assert_close(objective.loss, -log_prob.mean())
+    torch.testing.assert_close(objective.terms["nll"], objective.loss)
+    with torch.no_grad():  # the noise counts: without it, another value
+        assert not torch.allclose(objective.loss, -model.log_prob(x, labels=y).mean())
+    log_prob.mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_density_panels_evaluate_the_differentiable_log_prob_without_a_graph():
+    model = Flow("realnvp", data_shape=(2,), value_range=(-4.0, 4.0), quantization_levels=None, preprocessing="none",
+                 num_steps=1, hidden_dims=(4,))  # fmt: skip
+    grad_enabled = []
+    log_prob = model.log_prob
+    model.log_prob = lambda x: (grad_enabled.append(torch.is_grad_enabled()), log_prob(x))[1]
+    panels = density_panels(model, None, (-4.0, 4.0), num_points=16, resolution=8)
+    assert grad_enabled == [False] and panels.dtype == torch.uint8

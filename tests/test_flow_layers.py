@@ -44,27 +44,45 @@ LAYERS = {
     "invconv-image": (lambda: InvertibleConv1x1(3), (3, 4, 4)),
     "invconv-vector": (lambda: InvertibleConv1x1(4), (4,)),
     "coupling-checkerboard-sigmoid": (
-        lambda: AffineCoupling(checkerboard_mask(4, 4, 1), conv_coupling_net(2, 8)),
+        lambda: AffineCoupling(checkerboard_mask(4, 4, 1), conv_coupling_net(2, (8, 8))),
         (2, 4, 4),
     ),
     "coupling-channel-tanh": (
-        lambda: AffineCoupling(channel_mask(4, 0), conv_coupling_net(4, 8), scale="tanh"),
+        lambda: AffineCoupling(channel_mask(4, 0), conv_coupling_net(4, (8, 8)), scale="tanh"),
         (4, 2, 2),
     ),
-    "coupling-vector": (lambda: AffineCoupling(alternating_mask(3, 1), mlp_coupling_net(3, 8), scale="tanh"), (3,)),
+    "coupling-vector": (
+        lambda: AffineCoupling(alternating_mask(3, 1), mlp_coupling_net(3, (8, 8)), scale="tanh"),
+        (3,),
+    ),
+    # other widths: one hidden layer (3x3 in, 3x3 out), three (3x3, 1x1, 1x1, 3x3)
+    "coupling-checkerboard-one-hidden-layer": (
+        lambda: AffineCoupling(checkerboard_mask(4, 4, 0), conv_coupling_net(2, (6,))),
+        (2, 4, 4),
+    ),
+    "coupling-channel-widths": (
+        lambda: AffineCoupling(channel_mask(4, 1), conv_coupling_net(4, (16, 8, 16)), scale="tanh"),
+        (4, 2, 2),
+    ),
+    "coupling-vector-widths": (lambda: AffineCoupling(alternating_mask(3, 0), mlp_coupling_net(3, (16, 8, 16))), (3,)),
     "squeeze": (Squeeze, (1, 4, 4)),
     "unsqueeze": (Unsqueeze, (4, 2, 2)),
     "split": (lambda: Split(FlowSequential(ActNorm(2), InvertibleConv1x1(2))), (4, 2, 2)),
     "glow-multiscale": (
-        lambda: multiscale_flow("glow", (1, 4, 4), num_scales=2, num_steps=2, hidden_channels=4),
+        lambda: multiscale_flow("glow", (1, 4, 4), num_scales=2, num_steps=2, hidden_dims=(4, 4)),
         (1, 4, 4),
     ),
     "realnvp-multiscale": (
-        lambda: multiscale_flow("realnvp", (1, 4, 4), num_scales=2, num_steps=2, hidden_channels=4),
+        lambda: multiscale_flow("realnvp", (1, 4, 4), num_scales=2, num_steps=2, hidden_dims=(4, 4)),
         (1, 4, 4),
     ),
-    "realnvp-vector": (lambda: vector_flow("realnvp", 2, num_steps=3, hidden_features=8), (2,)),
-    "glow-vector": (lambda: vector_flow("glow", 3, num_steps=2, hidden_features=8), (3,)),
+    "glow-multiscale-widths": (
+        lambda: multiscale_flow("glow", (1, 4, 4), num_scales=2, num_steps=2, hidden_dims=(16, 8, 16)),
+        (1, 4, 4),
+    ),
+    "realnvp-vector": (lambda: vector_flow("realnvp", 2, num_steps=3, hidden_dims=(8, 8)), (2,)),
+    "glow-vector": (lambda: vector_flow("glow", 3, num_steps=2, hidden_dims=(8, 8)), (3,)),
+    "realnvp-vector-widths": (lambda: vector_flow("realnvp", 4, num_steps=2, hidden_dims=(16, 8, 16)), (4,)),
 }
 
 
@@ -92,7 +110,7 @@ def test_every_parameter_receives_a_gradient(name):
 
 
 def test_couplings_start_near_the_identity_and_keep_the_masked_part():
-    coupling = AffineCoupling(checkerboard_mask(4, 4, 0), conv_coupling_net(2, 8), scale="tanh").double()
+    coupling = AffineCoupling(checkerboard_mask(4, 4, 0), conv_coupling_net(2, (8, 8)), scale="tanh").double()
     x = torch.randn(2, 2, 4, 4, dtype=DTYPE)
     y, logdet = coupling(x)
     torch.testing.assert_close(y, x)  # zero-initialised last layer: exactly the identity
@@ -154,10 +172,50 @@ def test_planar_flow_logdet_matches_autograd_and_stays_invertible():
     "call, message",
     [
         (lambda: AffineCoupling(channel_mask(2, 0), nn.Identity(), scale="exp"), "choose one of: sigmoid, tanh"),
-        (lambda: multiscale_flow("glow", (1, 6, 6), num_scales=2, num_steps=1, hidden_channels=4), "squeezed 2"),
-        (lambda: vector_flow("realnvp", 1, num_steps=1, hidden_features=4), "at least 2 features"),
+        (lambda: multiscale_flow("glow", (1, 6, 6), num_scales=2, num_steps=1, hidden_dims=(4,)), "squeezed 2"),
+        (lambda: vector_flow("realnvp", 1, num_steps=1, hidden_dims=(4,)), "at least 2 features"),
+        (lambda: vector_flow("glow", 2, num_steps=1, hidden_dims=()), "needs at least one hidden layer"),
+        (lambda: conv_coupling_net(2, (8, -1)), r"hidden_dims\[1\] must be a positive integer, got -1"),
+        (lambda: mlp_coupling_net(2, (8.5,)), r"hidden_dims\[0\] must be a positive integer, got 8.5"),
     ],
 )
 def test_bad_layer_arguments_fail_clearly(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_hidden_dims_set_the_widths_and_kernels_of_the_coupling_networks():
+    conv = [m for m in conv_coupling_net(3, (16, 8, 16)) if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in conv] == [
+        (3, 16, (3, 3)), (16, 8, (1, 1)), (8, 16, (1, 1)), (16, 6, (3, 3)),
+    ]  # fmt: skip
+    mlp = [m for m in mlp_coupling_net(3, (16, 8, 16)) if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in mlp] == [(3, 16), (16, 8), (8, 16), (16, 6)]
+    assert all(not m.weight.any() and not m.bias.any() for m in (conv[-1], mlp[-1]))  # the identity at first
+
+
+def test_two_hidden_dims_build_the_papers_coupling_networks_from_the_same_seed():
+    """hidden_dims (h, h) is the network that ``hidden_channels=h`` (``hidden_features=h``) built before: the same
+    layers, names and random draws in the same order, so that seeded models and old checkpoints stay the same."""
+    torch.manual_seed(0)
+    conv = conv_coupling_net(4, (64, 64))
+    torch.manual_seed(0)
+    reference = nn.Sequential(
+        nn.Conv2d(4, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 8, 3, padding=1)
+    )
+    nn.init.zeros_(reference[4].weight)
+    nn.init.zeros_(reference[4].bias)
+    assert_same_state(conv, reference)
+    torch.manual_seed(0)
+    mlp = mlp_coupling_net(2, (64, 64))
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    nn.init.zeros_(reference[4].weight)
+    nn.init.zeros_(reference[4].bias)
+    assert_same_state(mlp, reference)
+
+
+def assert_same_state(module: nn.Module, reference: nn.Module) -> None:
+    state, expected = module.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(value, expected[name]) for name, value in state.items())

@@ -18,8 +18,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dgm_lightning.checks import check_choice, check_positive_int
+
+FlowArchitecture = Literal["realnvp", "glow"]
 CouplingScale = Literal["sigmoid", "tanh"]
-COUPLING_SCALES = ("sigmoid", "tanh")
 
 
 def _sum_per_example(t: Tensor) -> Tensor:
@@ -168,8 +170,7 @@ class AffineCoupling(nn.Module):
 
     def __init__(self, mask: Tensor, net: nn.Module, *, scale: CouplingScale = "sigmoid") -> None:
         super().__init__()
-        if scale not in COUPLING_SCALES:
-            raise ValueError(f"unknown coupling scale {scale!r}; choose one of: {', '.join(COUPLING_SCALES)}")
+        check_choice("coupling scale", scale, CouplingScale)
         self.register_buffer("mask", mask)
         self.net = net
         self.scale = scale
@@ -252,46 +253,68 @@ def zero_init(layer: nn.Conv2d | nn.Linear) -> nn.Conv2d | nn.Linear:
     return layer
 
 
-def conv_coupling_net(in_channels: int, hidden_channels: int) -> nn.Module:
-    """3x3 conv, 1x1 conv, 3x3 conv (zero-initialised): (B, C, H, W) -> (B, 2C, H, W)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, hidden_channels, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(hidden_channels, hidden_channels, 1), nn.ReLU(),
-        zero_init(nn.Conv2d(hidden_channels, 2 * in_channels, 3, padding=1)),
-    )  # fmt: skip
+def check_hidden_dims(hidden_dims: Sequence[int]) -> None:
+    """Refuse coupling-network widths unless there is at least one hidden layer and every width is an integer > 0."""
+    if len(hidden_dims) == 0:
+        raise ValueError(
+            "a coupling network needs at least one hidden layer: give hidden_dims a width, such as [64, 64]"
+        )
+    check_positive_int(**{f"hidden_dims[{i}]": width for i, width in enumerate(hidden_dims)})
 
 
-def mlp_coupling_net(num_features: int, hidden_features: int) -> nn.Module:
-    """Two hidden layers, the last one zero-initialised: (B, D) -> (B, 2D)."""
-    return nn.Sequential(
-        nn.Linear(num_features, hidden_features), nn.ReLU(),
-        nn.Linear(hidden_features, hidden_features), nn.ReLU(),
-        zero_init(nn.Linear(hidden_features, 2 * num_features)),
-    )  # fmt: skip
+def conv_coupling_net(in_channels: int, hidden_dims: Sequence[int]) -> nn.Module:
+    """A 3x3 conv into the first hidden layer, 1x1 convs between hidden layers, a zero-initialised 3x3 conv out:
+    (B, C, H, W) -> (B, 2C, H, W). ``hidden_dims`` (64, 64) is RealNVP's and Glow's 3x3, 1x1, 3x3 network.
+
+    Args:
+        in_channels: C.
+        hidden_dims: channels of the hidden layers, one entry per hidden layer.
+    """
+    check_hidden_dims(hidden_dims)
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_dims[0], 3, padding=1), nn.ReLU()]
+    for n_in, n_out in zip(hidden_dims[:-1], hidden_dims[1:], strict=True):
+        layers += [nn.Conv2d(n_in, n_out, 1), nn.ReLU()]
+    layers.append(zero_init(nn.Conv2d(hidden_dims[-1], 2 * in_channels, 3, padding=1)))
+    return nn.Sequential(*layers)
 
 
-def glow_step(num_channels: int, hidden_channels: int) -> FlowSequential:
+def mlp_coupling_net(num_features: int, hidden_dims: Sequence[int]) -> nn.Module:
+    """An MLP with ReLU, its output layer zero-initialised: (B, D) -> (B, 2D).
+
+    Args:
+        num_features: D.
+        hidden_dims: sizes of the hidden layers, one entry per hidden layer.
+    """
+    check_hidden_dims(hidden_dims)
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip([num_features, *hidden_dims[:-1]], hidden_dims, strict=True):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    layers.append(zero_init(nn.Linear(hidden_dims[-1], 2 * num_features)))
+    return nn.Sequential(*layers)
+
+
+def glow_step(num_channels: int, hidden_dims: Sequence[int]) -> FlowSequential:
     """One Glow step on (B, C, H, W): ActNorm, invertible 1x1 convolution, channel-mask affine coupling."""
     return FlowSequential(
         ActNorm(num_channels),
         InvertibleConv1x1(num_channels),
-        AffineCoupling(channel_mask(num_channels, 0), conv_coupling_net(num_channels, hidden_channels)),
+        AffineCoupling(channel_mask(num_channels, 0), conv_coupling_net(num_channels, hidden_dims)),
     )
 
 
-def realnvp_step(mask: Tensor, num_channels: int, hidden_channels: int) -> FlowSequential:
+def realnvp_step(mask: Tensor, num_channels: int, hidden_dims: Sequence[int]) -> FlowSequential:
     """One RealNVP step on (B, C, H, W): ActNorm (for batch norm) and a tanh-bounded affine coupling."""
-    net = conv_coupling_net(num_channels, hidden_channels)
+    net = conv_coupling_net(num_channels, hidden_dims)
     return FlowSequential(ActNorm(num_channels), AffineCoupling(mask, net, scale="tanh"))
 
 
 def multiscale_flow(
-    architecture: Literal["realnvp", "glow"],
+    architecture: FlowArchitecture,
     data_shape: Sequence[int],
     *,
     num_scales: int,
     num_steps: int,
-    hidden_channels: int,
+    hidden_dims: Sequence[int],
 ) -> FlowSequential:
     """The multi-scale flow of RealNVP or Glow as one bijection of (B, C, H, W).
 
@@ -305,7 +328,7 @@ def multiscale_flow(
         data_shape: (C, H, W); H and W must be divisible by 2 ** num_scales.
         num_scales: L, the number of scales.
         num_steps: K, steps per scale.
-        hidden_channels: width of the coupling nets.
+        hidden_dims: channels of the coupling nets' hidden layers (``conv_coupling_net``).
 
     References: Dinh et al. 2016, arXiv:1605.08803; Kingma & Dhariwal 2018, arXiv:1807.03039.
     """
@@ -317,17 +340,17 @@ def multiscale_flow(
         )
     layers: list[nn.Module] = []
     if architecture == "realnvp":
-        layers += [realnvp_step(checkerboard_mask(h, w, k % 2), c, hidden_channels) for k in range(num_steps)]
+        layers += [realnvp_step(checkerboard_mask(h, w, k % 2), c, hidden_dims) for k in range(num_steps)]
     layers.append(Squeeze())
     c, h, w = 4 * c, h // 2, w // 2
     if architecture == "glow":
-        layers += [glow_step(c, hidden_channels) for _ in range(num_steps)]
+        layers += [glow_step(c, hidden_dims) for _ in range(num_steps)]
     else:
-        layers += [realnvp_step(channel_mask(c, k % 2), c, hidden_channels) for k in range(num_steps)]
+        layers += [realnvp_step(channel_mask(c, k % 2), c, hidden_dims) for k in range(num_steps)]
     if num_scales > 1:
         rest = (c - c // 2, h, w)
         inner = multiscale_flow(
-            architecture, rest, num_scales=num_scales - 1, num_steps=num_steps, hidden_channels=hidden_channels
+            architecture, rest, num_scales=num_scales - 1, num_steps=num_steps, hidden_dims=hidden_dims
         )
         layers.append(Split(inner))
     layers.append(Unsqueeze())
@@ -335,18 +358,24 @@ def multiscale_flow(
 
 
 def vector_flow(
-    architecture: Literal["realnvp", "glow"], num_features: int, *, num_steps: int, hidden_features: int
+    architecture: FlowArchitecture, num_features: int, *, num_steps: int, hidden_dims: Sequence[int]
 ) -> FlowSequential:
     """A coupling stack for (B, D) vectors (tabular or 2D data): ``num_steps`` steps.
 
     RealNVP: ActNorm and a tanh-bounded coupling, the mask alternating between even and odd features.
     Glow: ActNorm, an LU-decomposed invertible linear map, a sigmoid-scaled coupling.
+
+    Args:
+        architecture: ``realnvp`` or ``glow``.
+        num_features: D.
+        num_steps: K, the number of steps.
+        hidden_dims: sizes of the coupling MLPs' hidden layers (``mlp_coupling_net``).
     """
     if num_features < 2:
         raise ValueError(f"coupling layers need at least 2 features, got data of {num_features}")
     layers: list[nn.Module] = []
     for k in range(num_steps):
-        net = mlp_coupling_net(num_features, hidden_features)
+        net = mlp_coupling_net(num_features, hidden_dims)
         if architecture == "glow":
             layers += [ActNorm(num_features), InvertibleConv1x1(num_features)]
             layers.append(AffineCoupling(alternating_mask(num_features, 0), net))
