@@ -11,9 +11,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from typing_extensions import override
 
 from callbacks.images import run_dir
-from dgm_lightning.checks import check_positive, check_temperature
+from dgm_lightning.checks import check_non_negative, check_positive_int, check_temperature
 
 
 def writes_text(model: L.LightningModule) -> bool:
@@ -49,9 +50,8 @@ class TextLogger(Callback):
         temperature: float = 1.0,
         seed: int = 0,
     ) -> None:
-        check_positive(every_n_epochs=every_n_epochs, num_samples=num_samples)
-        if num_reconstructions < 0:
-            raise ValueError(f"num_reconstructions must be >= 0, got {num_reconstructions}")
+        check_positive_int(every_n_epochs=every_n_epochs, num_samples=num_samples)
+        check_non_negative(num_reconstructions=num_reconstructions)
         check_temperature(temperature)
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
@@ -60,6 +60,7 @@ class TextLogger(Callback):
         self.seed = seed
         self._inputs: tuple[Tensor, Tensor] | None = None
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not writes_text(pl_module):
             likelihood = getattr(pl_module, "likelihood", None)
@@ -70,6 +71,7 @@ class TextLogger(Callback):
                 "Remove TextLogger from its callbacks"
             )
 
+    @override
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
@@ -79,6 +81,7 @@ class TextLogger(Callback):
             x, lengths = pl_module.unpack_batch(batch)
             self._inputs = (x[: self.num_reconstructions].detach(), lengths[: self.num_reconstructions].detach())
 
+    @override
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -89,9 +89,10 @@ def sampler_metadata(model: GenerativeModel) -> dict:
         "dgm_lightning_version": dgm_lightning.__version__,
         "torch_version": torch.__version__,
     }
+    if callable(getattr(model, "generate", None)):  # a generation loop (RecurrentVAE): from_noise runs it greedily
+        meta["noise"] = "standard normal: the latent code, generated greedily (each step's most likely token, or mean)"
     vocabulary = getattr(model, "vocabulary", None)
     if vocabulary is not None:
-        meta["noise"] = "standard normal: the latent code, decoded greedily (the most likely token at each step)"
         meta["output_shape"] = ["batch", "max_len + 1"]
         meta["vocabulary"] = {"tokens": list(vocabulary.tokens), "level": vocabulary.level}
     return meta

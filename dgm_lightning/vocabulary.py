@@ -1,4 +1,5 @@
-"""Tokens of text sequences: a tokenizer (characters or words) and a vocabulary that travels with checkpoints."""
+"""Tokens of text sequences: a tokenizer (characters or words), a vocabulary that travels with checkpoints, and
+batches of ids to and from lines of text."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from dgm_lightning.checks import check_choice
 
@@ -71,3 +76,14 @@ class Vocabulary:
             if i not in (PAD, BOS):
                 tokens.append(self.tokens[i])
         return ("" if self.level == "char" else " ").join(tokens)
+
+    def encode_lines(self, lines: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Lines of text -> padded ids (B, T) and lengths (B,): a batch as a text DataModule yields it."""
+        ids = [torch.tensor(self.encode(self.tokenize(line)), dtype=torch.long) for line in lines]
+        if not ids or any(len(row) == 0 for row in ids):
+            raise ValueError("encode_text needs at least one line, and no empty line")
+        return pad_sequence(ids, batch_first=True, padding_value=PAD), torch.tensor([len(row) for row in ids])
+
+    def decode_rows(self, ids: Tensor) -> list[str]:
+        """Token ids (B, T) -> one line of text per row, up to its ``<eos>`` (``decode``)."""
+        return [self.decode(row) for row in ids.tolist()]

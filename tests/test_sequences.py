@@ -7,7 +7,7 @@ import torch
 
 from datamodules import CSVSequenceDataModule, DigitsDataModule, SequentialImageDataModule, TextLinesDataModule
 from datamodules.sequences import SAMPLE_CORPUS, SAMPLE_SERIES, pad_batch
-from dgm_lightning.vocabulary import PAD, SPECIALS, UNK, Vocabulary
+from dgm_lightning.vocabulary import EOS, PAD, SPECIALS, UNK, Vocabulary
 from tests.helpers import write_idx_files
 
 # -- text ----------------------------------------------------------------------------------------
@@ -55,6 +55,15 @@ def test_set_vocabulary_reencodes_with_a_models_vocabulary_and_survives_a_checkp
     assert len(fresh.splits["predict"]) == 30 and fresh.vocabulary == other
     with pytest.raises(ValueError, match="word-level"):
         dm.set_vocabulary(Vocabulary(SPECIALS, "word"))
+
+
+def test_lines_become_a_padded_batch_of_ids_and_back():
+    vocab = Vocabulary(SPECIALS + ("a", "b", " "), "char")
+    ids, lengths = vocab.encode_lines(["ab", "b az"])  # 'z' is no token: <unk>
+    assert ids.tolist() == [[4, 5, PAD, PAD], [5, 6, 4, UNK]] and lengths.tolist() == [2, 4]
+    assert vocab.decode_rows(torch.cat([ids, torch.full((2, 1), EOS), torch.full((2, 1), 4)], 1)) == ["ab", "b a<unk>"]
+    with pytest.raises(ValueError, match="no empty line"):
+        vocab.encode_lines(["ab", "  "])
 
 
 def test_bad_text_input_fails_clearly(tmp_path):
