@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, get_args
 
 
@@ -52,3 +53,11 @@ def check_fraction(**values: float) -> None:
     for name, value in values.items():
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_hidden_dims(hidden_dims: Sequence[int], *, layer: str) -> None:
+    """Refuse ``hidden_dims`` unless it holds at least one width and every width is an integer > 0; ``layer`` names
+    what one width is the width of, for the error ("RNN layer", "hidden layer of a coupling network")."""
+    if len(hidden_dims) == 0:
+        raise ValueError(f"hidden_dims must hold one width per {layer}, at least one, got none")
+    check_positive_int(**{f"hidden_dims[{i}]": width for i, width in enumerate(hidden_dims)})

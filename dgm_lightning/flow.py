@@ -257,7 +257,7 @@ def _check_settings(
     logit_alpha: float,
 ) -> None:
     """Refuse settings of a ``Flow`` that cannot work, each error naming the setting (the coupling networks' widths
-    are checked where they are built: ``flow_layers.check_hidden_dims``)."""
+    are checked where they are built: ``checks.check_hidden_dims``)."""
     check_choice("architecture", architecture, FlowArchitecture)
     check_choice("preprocessing", preprocessing, Preprocessing)
     check_positive_int(num_scales=num_scales, num_steps=num_steps)

@@ -18,6 +18,7 @@ from dgm_lightning import objectives
 from dgm_lightning.checks import (
     check_choice,
     check_fraction,
+    check_hidden_dims,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -27,7 +28,6 @@ from dgm_lightning.nets.sequence_nets import (
     Cell,
     SequenceDecoder,
     SequenceEncoder,
-    check_hidden_dims,
     generate_tokens,
     generate_values,
     teacher_forcing,
@@ -137,7 +137,7 @@ class RecurrentVAE(SequenceModel):
         check_choice("cell", cell, Cell)
         check_positive_int(latent_dim=latent_dim, embedding_dim=embedding_dim, iwae_samples=iwae_samples)
         check_positive_int(input_dim=input_dim, sample_max_len=sample_max_len)
-        check_hidden_dims(hidden_dims)
+        check_hidden_dims(hidden_dims, layer="RNN layer")
         check_positive(gaussian_scale=gaussian_scale)
         check_fraction(word_dropout=word_dropout)
         check_non_negative(beta=beta, free_bits=free_bits)

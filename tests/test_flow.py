@@ -281,7 +281,7 @@ def test_fit_test_predict_and_resume_from_a_checkpoint_on_digits(tmp_path):
         ({"logit_alpha": 0.5}, "logit_alpha must be in"),
         ({"num_steps": 0}, "num_steps must be a positive integer, got 0"),
         ({"num_scales": 1.5}, "num_scales must be a positive integer, got 1.5"),
-        ({"hidden_dims": ()}, "a coupling network needs at least one hidden layer: give hidden_dims a width"),
+        ({"hidden_dims": ()}, "hidden_dims must hold one width per hidden layer of a coupling network, at least one"),
         ({"hidden_dims": (8, 0)}, r"hidden_dims\[1\] must be a positive integer, got 0"),
         ({"optimizer": torch.optim.Adam([nn.Parameter(torch.zeros(1))])}, "optimizer must be a callable that builds"),
         ({"data_shape": (1, 8)}, "must be \\(C, H, W\\) or \\(D,\\)"),

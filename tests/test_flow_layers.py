@@ -174,7 +174,7 @@ def test_planar_flow_logdet_matches_autograd_and_stays_invertible():
         (lambda: AffineCoupling(channel_mask(2, 0), nn.Identity(), scale="exp"), "choose one of: sigmoid, tanh"),
         (lambda: multiscale_flow("glow", (1, 6, 6), num_scales=2, num_steps=1, hidden_dims=(4,)), "squeezed 2"),
         (lambda: vector_flow("realnvp", 1, num_steps=1, hidden_dims=(4,)), "at least 2 features"),
-        (lambda: vector_flow("glow", 2, num_steps=1, hidden_dims=()), "needs at least one hidden layer"),
+        (lambda: vector_flow("glow", 2, num_steps=1, hidden_dims=()), "hidden_dims must hold one width per"),
         (lambda: conv_coupling_net(2, (8, -1)), r"hidden_dims\[1\] must be a positive integer, got -1"),
         (lambda: mlp_coupling_net(2, (8.5,)), r"hidden_dims\[0\] must be a positive integer, got 8.5"),
     ],

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dgm_lightning.checks import check_choice, check_positive_int
+from dgm_lightning.checks import check_choice, check_hidden_dims
 
 FlowArchitecture = Literal["realnvp", "glow"]
 CouplingScale = Literal["sigmoid", "tanh"]
@@ -253,15 +253,6 @@ def zero_init(layer: nn.Conv2d | nn.Linear) -> nn.Conv2d | nn.Linear:
     return layer
 
 
-def check_hidden_dims(hidden_dims: Sequence[int]) -> None:
-    """Refuse coupling-network widths unless there is at least one hidden layer and every width is an integer > 0."""
-    if len(hidden_dims) == 0:
-        raise ValueError(
-            "a coupling network needs at least one hidden layer: give hidden_dims a width, such as [64, 64]"
-        )
-    check_positive_int(**{f"hidden_dims[{i}]": width for i, width in enumerate(hidden_dims)})
-
-
 def conv_coupling_net(in_channels: int, hidden_dims: Sequence[int]) -> nn.Module:
     """A 3x3 conv into the first hidden layer, 1x1 convs between hidden layers, a zero-initialised 3x3 conv out:
     (B, C, H, W) -> (B, 2C, H, W). ``hidden_dims`` (64, 64) is RealNVP's and Glow's 3x3, 1x1, 3x3 network.
@@ -270,7 +261,7 @@ def conv_coupling_net(in_channels: int, hidden_dims: Sequence[int]) -> nn.Module
         in_channels: C.
         hidden_dims: channels of the hidden layers, one entry per hidden layer.
     """
-    check_hidden_dims(hidden_dims)
+    check_hidden_dims(hidden_dims, layer="hidden layer of a coupling network")
     layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_dims[0], 3, padding=1), nn.ReLU()]
     for n_in, n_out in zip(hidden_dims[:-1], hidden_dims[1:], strict=True):
         layers += [nn.Conv2d(n_in, n_out, 1), nn.ReLU()]
@@ -285,7 +276,7 @@ def mlp_coupling_net(num_features: int, hidden_dims: Sequence[int]) -> nn.Module
         num_features: D.
         hidden_dims: sizes of the hidden layers, one entry per hidden layer.
     """
-    check_hidden_dims(hidden_dims)
+    check_hidden_dims(hidden_dims, layer="hidden layer of a coupling network")
     layers: list[nn.Module] = []
     for n_in, n_out in zip([num_features, *hidden_dims[:-1]], hidden_dims, strict=True):
         layers += [nn.Linear(n_in, n_out), nn.ReLU()]

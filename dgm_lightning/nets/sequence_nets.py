@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from dgm_lightning.checks import check_choice, check_positive_int
+from dgm_lightning.checks import check_choice, check_hidden_dims, check_positive_int
 from dgm_lightning.vocabulary import BOS, EOS, PAD, UNK
 
 Cell = Literal["lstm", "gru"]
@@ -20,18 +20,11 @@ RNNState = Tensor | tuple[Tensor, Tensor]  # one layer's: h (GRU) or (h, c) (LST
 DecoderState = tuple[RNNState, ...]  # one per stacked layer
 
 
-def check_hidden_dims(hidden_dims: Sequence[int]) -> None:
-    """Refuse widths that build no RNN layer: an empty list, or a width that is not a positive integer."""
-    if len(hidden_dims) == 0:
-        raise ValueError("hidden_dims must hold one width per RNN layer, at least one, got none")
-    check_positive_int(**{f"hidden_dims[{i}]": width for i, width in enumerate(hidden_dims)})
-
-
 def _rnn_layers(cell: str, input_size: int, hidden_dims: Sequence[int], bidirectional: bool) -> nn.ModuleList:
     """One single-layer RNN per width, each reading the outputs of the one below (both directions joined), as a
     stacked ``nn.LSTM`` does: ``nn.LSTM`` and ``nn.GRU`` stack layers of one width only."""
     check_choice("cell", cell, Cell)
-    check_hidden_dims(hidden_dims)
+    check_hidden_dims(hidden_dims, layer="RNN layer")
     rnn_cls = nn.LSTM if cell == "lstm" else nn.GRU
     directions = 2 if bidirectional else 1
     layers = []
