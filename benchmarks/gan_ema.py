@@ -19,6 +19,7 @@ import argparse
 import importlib
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,21 @@ class TensorFlowEMA(WarmupEMA):
         return min(self.decay, (1 + num_updates) / (10 + num_updates))
 
 
+def resolve(class_path: str) -> Any:
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
 def instantiate(spec: dict[str, Any]) -> Any:
-    module, name = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+    """The object that a recipe's ``class_path`` and ``init_args`` describe. A nested one (a GAN's optimizers) is
+    passed as the callable that builds it, as LightningCLI passes it."""
+    args = {
+        key: partial(resolve(value["class_path"]), **value.get("init_args", {}))
+        if isinstance(value, dict) and "class_path" in value
+        else value
+        for key, value in spec.get("init_args", {}).items()
+    }
+    return resolve(spec["class_path"])(**args)
 
 
 def recipe(name: str) -> dict[str, Any]:
@@ -140,7 +153,7 @@ class FIDAtEpochs(Callback):
         try:
             for start in range(0, self.num_samples, 500):
                 z = pl_module.latent(min(500, self.num_samples - start))
-                fake = to_unit(pl_module.generate(z, None, net=net), pl_module.value_range)
+                fake = to_unit(pl_module.generator_output(z, None, net=net), pl_module.value_range)
                 self.fid.update(fake, real=False)
         finally:
             net.train(was_training)

@@ -20,6 +20,7 @@ import math
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the helpers beside it
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from datamodules import FashionMNISTDataModule  # noqa: E402
 from dgm_lightning import GAN, VAE, Flow  # noqa: E402
+from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam  # noqa: E402
 
 PEER_EPOCHS = 3  # the budget's batches are spread over this many epochs, so that epochs 2..N give a steady time
 
@@ -189,7 +191,7 @@ def dequantize(x: torch.Tensor) -> torch.Tensor:
 
 
 def flow_vs_normflows(data: TensorData, budget: Budget) -> dict:
-    model = seeded(lambda: Flow("glow", num_scales=2, num_steps=4, hidden_channels=64, quantization_levels=256))
+    model = seeded(lambda: Flow("glow", num_scales=2, num_steps=4, hidden_dims=(64, 64), quantization_levels=256))
     ours_s, _ = ours(model, data)
     (metrics,) = make_trainer().test(model, datamodule=data, verbose=False)
     result = {"ours_s_per_epoch": ours_s, "ours_test_bits_per_dim": metrics["test/bpd"]}
@@ -218,7 +220,14 @@ def flow_vs_normflows(data: TensorData, budget: Budget) -> dict:
 
 def gan_vs_plain_dcgan(data: TensorData, budget: Budget) -> dict:
     def build() -> GAN:
-        return GAN(100, architecture="dcgan", hidden_dims=[64, 128], lr_g=2e-4, lr_d=2e-4, value_range=(0.0, 1.0))
+        return GAN(
+            100,
+            architecture="dcgan",
+            hidden_dims=[64, 128],
+            value_range=(0.0, 1.0),
+            optimizer_g=partial(GeneratorAdam, lr=2e-4),
+            optimizer_d=partial(DiscriminatorAdam, lr=2e-4),
+        )
 
     ours_s, _ = ours(seeded(build), data)
     nets = seeded(build)

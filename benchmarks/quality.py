@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the helpers beside it
@@ -27,6 +28,7 @@ from common import FASHION_MNIST, add_common_args, apply_common_args, machine, m
 from callbacks import GenerativeMetrics  # noqa: E402
 from datamodules import FashionMNISTDataModule  # noqa: E402
 from dgm_lightning import GAN, VAE, Classifier, Flow  # noqa: E402
+from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def vae_quality(data_dir, budget: Budget) -> dict[str, float]:
 
 
 def flow_quality(data_dir, budget: Budget) -> dict[str, float]:
-    model = Flow("glow", num_scales=2, num_steps=4, hidden_channels=64, quantization_levels=256)
+    model = Flow("glow", num_scales=2, num_steps=4, hidden_dims=(64, 64), quantization_levels=256)
     metrics, seconds = fit_and_test(model, fashion_mnist(data_dir, budget), budget)
     return {"test_bits_per_dim": metrics["test/bpd"], "train_s": seconds}
 
@@ -94,7 +96,13 @@ def gan_quality(data_dir, budget: Budget, workdir: Path) -> dict[str, float]:
     classifier = Classifier(10, feature_dim=128, hidden_dims=(32, 64, 128))
     checkpoint = workdir / "classifier.ckpt"
     class_metrics, _ = fit_and_test(classifier, fashion_mnist(data_dir, budget), budget, save_to=checkpoint)
-    gan = GAN(100, architecture="dcgan", hidden_dims=[64, 128], lr_g=2e-4, lr_d=2e-4)
+    gan = GAN(
+        100,
+        architecture="dcgan",
+        hidden_dims=[64, 128],
+        optimizer_g=partial(GeneratorAdam, lr=2e-4),
+        optimizer_d=partial(DiscriminatorAdam, lr=2e-4),
+    )
     kid_subset = min(100, budget.test_images)
     metrics_callback = GenerativeMetrics(
         metrics=("fid", "kid"), classifier_checkpoint=str(checkpoint), num_samples=budget.test_images,

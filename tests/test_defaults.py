@@ -187,11 +187,15 @@ FAMILIES = {  # a tiny model of every family, its data, and the terms its progre
         ("d_loss", "g_loss"),
     ),
     "Flow": (
-        lambda: Flow("realnvp", data_shape=(1, 8, 8), num_steps=1, hidden_channels=4, quantization_levels=17),
+        lambda: Flow("realnvp", data_shape=(1, 8, 8), num_steps=1, hidden_dims=(4, 4), quantization_levels=17),
         "digits",
         ("nll",),
     ),
-    "RecurrentVAE": (lambda: RecurrentVAE(2, likelihood="bernoulli", hidden_dim=8, embedding_dim=4), "rows", ("loss",)),
+    "RecurrentVAE": (
+        lambda: RecurrentVAE(2, likelihood="bernoulli", hidden_dims=[8], embedding_dim=4),
+        "rows",
+        ("loss",),
+    ),
     "Classifier": (lambda: Classifier(10, data_shape=(1, 8, 8), feature_dim=4, hidden_dims=(4,)), "digits", ("loss",)),
 }
 

@@ -23,16 +23,16 @@ MODELS = {
     "GAN (EMA)": lambda: GAN(8, data_shape=(2,), architecture="mlp", hidden_dims=[16]),
     "conditional GAN": lambda: GAN(8, data_shape=(1, 8, 8), architecture="mlp", hidden_dims=[16], num_classes=3),
     "Glow": lambda: Flow(
-        "glow", data_shape=(1, 8, 8), num_scales=1, num_steps=1, hidden_channels=8, quantization_levels=17
+        "glow", data_shape=(1, 8, 8), num_scales=1, num_steps=1, hidden_dims=(8, 8), quantization_levels=17
     ),  # fmt: skip
     "RealNVP 2D": lambda: Flow(
-        "realnvp", data_shape=(2,), num_steps=2, hidden_channels=8, quantization_levels=None, preprocessing="none"
+        "realnvp", data_shape=(2,), num_steps=2, hidden_dims=(8, 8), quantization_levels=None, preprocessing="none"
     ),  # fmt: skip
     "RecurrentVAE continuous": lambda: RecurrentVAE(
-        4, input_dim=3, likelihood="gaussian", sample_max_len=6, hidden_dim=8, embedding_dim=4
+        4, input_dim=3, likelihood="gaussian", sample_max_len=6, hidden_dims=[8], embedding_dim=4
     ),  # fmt: skip
     "RecurrentVAE tokens": lambda: RecurrentVAE(
-        4, vocab=[*SPECIALS, "a", "b", "c"], sample_max_len=6, hidden_dim=8, embedding_dim=4
+        4, vocab=[*SPECIALS, "a", "b", "c"], sample_max_len=6, hidden_dims=[8], embedding_dim=4
     ),  # fmt: skip
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dgm_lightning import GAN, objectives
 from dgm_lightning.cli import main
+from dgm_lightning.noise import NoiseStream
+from dgm_lightning.objectives import Objective
+from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam
 from tests.helpers import trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +116,7 @@ def test_global_step_advances_once_per_optimizer_step():
     model = GAN(n_critic=3, **POINTS)
     t = trainer(max_epochs=1, limit_val_batches=0)
     t.fit(model, loader(mixture(128), 32))  # 4 batches
-    assert model.batches_seen == 4 and model.d_steps == 12
+    assert model.noise_stream.batches_seen == 4 and model.d_steps == 12
     assert t.global_step == 4 * (3 + 1)
     metrics = t.callback_metrics
     assert {"train/d_loss", "train/g_loss", "train/d_real", "train/d_fake"} <= set(metrics)
@@ -122,8 +126,9 @@ def test_training_moves_samples_towards_a_2d_mixture():
     data = mixture(2048)
     model = GAN(
         data_shape=(2,), value_range=(-2.0, 2.0), architecture="mlp", hidden_dims=[64, 64], latent_dim=8, loss="hinge",
-        spectral_norm=True,
-        lr_g=5e-4, lr_d=1e-3, betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), ema_decay=None,
+        spectral_norm=True, ema_decay=None,
+        optimizer_g=partial(torch.optim.Adam, lr=5e-4, betas=(0.0, 0.9)),
+        optimizer_d=partial(torch.optim.Adam, lr=1e-3, betas=(0.0, 0.9)),
     )  # fmt: skip
     test_points = mixture(512, seed=1)
     before = energy_distance(model.sample(512), test_points)
@@ -177,13 +182,13 @@ def test_ema_is_used_for_sampling_and_survives_a_checkpoint(tmp_path):
     torch.manual_seed(1)
     z = model.latent(8)
     torch.manual_seed(1)
-    assert torch.equal(model.sample(8), model.generate(z, None, net=model.ema.module))
+    assert torch.equal(model.sample(8), model.generator_output(z, None, net=model.ema.module))
 
     t.save_checkpoint(tmp_path / "gan.ckpt")
     restored = GAN.load_from_checkpoint(tmp_path / "gan.ckpt")
     assert torch.equal(nn.utils.parameters_to_vector(restored.ema.module.parameters()), ema)
     assert restored.ema.n_averaged.item() == model.ema.n_averaged.item() == 4
-    assert restored.batches_seen == 4
+    assert restored.noise_stream.batches_seen == 4
     torch.manual_seed(2)
     expected = model.sample(8)
     torch.manual_seed(2)
@@ -204,7 +209,8 @@ def test_conditional_gan_samples_the_asked_classes_and_checks_labels():
     assert model.sample(6, labels=torch.tensor([0, 1, 2, 0, 1, 2])).shape == (6, 1, 8, 8)
     assert model.sample(5).shape == (5, 1, 8, 8)  # default labels cycle through the classes
     z = model.latent(4)
-    zeros, twos = model.generate(z, torch.zeros(4, dtype=torch.long)), model.generate(z, torch.full((4,), 2))
+    zeros = model.generator_output(z, torch.zeros(4, dtype=torch.long))
+    twos = model.generator_output(z, torch.full((4,), 2))
     assert not torch.allclose(zeros, twos)  # the label changes the sample
     x = torch.rand(4, 1, 8, 8)
     assert not torch.allclose(
@@ -235,7 +241,7 @@ def test_every_architecture_fits_the_image_sizes():
 def test_schedulers_step_once_per_epoch_and_clipping_bounds_each_update():
     model = GAN(
         optimizer_g=lambda p: torch.optim.SGD(p, lr=1.0), optimizer_d=lambda p: torch.optim.SGD(p, lr=1.0),
-        scheduler_g=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+        lr_scheduler_g=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
         gradient_clip_val=1e-6, gradient_clip_algorithm="value", ema_decay=None, **POINTS,
     )  # fmt: skip
     g0 = nn.utils.parameters_to_vector(model.generator.parameters()).detach().clone()
@@ -281,21 +287,23 @@ def test_a_non_finite_batch_updates_neither_network():
 def test_a_generator_that_keeps_diverging_stops_training_naming_its_loss():
     model = GAN(ema_decay=None, **POINTS)
     model.max_nonfinite_steps = 3
-    model.generator_terms = lambda n, labels, generator: {"g_loss": torch.tensor(float("inf"))}
+    model.generator_objective = lambda batch, *, noise=None, net=None: Objective({"loss": torch.tensor(math.inf)}, 32)
     g_before = nn.utils.parameters_to_vector(model.generator.parameters()).detach().clone()
     t = trainer(max_epochs=1, limit_val_batches=0)
     # each batch's D step is finite and taken; the G step is skipped, and the third such batch in a row stops
     with pytest.warns(UserWarning, match="g_loss"), pytest.raises(FloatingPointError, match=r"\(g_loss\) in 3"):
         t.fit(model, loader(mixture(256), 32))
-    assert model.batches_seen == 3 and t.global_step == 3  # three D steps, no G step
+    assert model.noise_stream.batches_seen == 3 and t.global_step == 3  # three D steps, no G step
     assert torch.equal(nn.utils.parameters_to_vector(model.generator.parameters()), g_before)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(n_critic=0), "n_critic"),
-        (dict(lr_d=-1e-4), "lr_d must be > 0"),
+        (dict(n_critic=0), "n_critic must be a positive integer, got 0"),
+        (dict(ema_rampup=0.0), "ema_rampup must be > 0"),
+        (dict(optimizer_d=torch.optim.Adam(nn.Linear(1, 1).parameters())), "optimizer_d must be a callable"),
+        (dict(architecture="resnet"), "unknown architecture 'resnet'; choose one of: mlp, dcgan"),
         (dict(ema_decay=1.5), "ema_decay"),
         (dict(loss="hinge", label_smoothing=0.1), "label_smoothing"),
         (dict(gp_weight=-1.0), "gp_weight must be >= 0"),
@@ -314,43 +322,128 @@ def test_batch_norm_in_an_injected_critic_is_refused_with_a_penalty():
 
 
 def test_trainer_gradient_clipping_points_at_the_gan_flag():
-    with pytest.raises(ValueError, match="--model.gradient_clip_val"):
-        trainer(max_epochs=1, gradient_clip_val=1.0).fit(GAN(**POINTS), loader(mixture(32), 32))
+    model, clipping = GAN(**POINTS), trainer(max_epochs=1, gradient_clip_val=1.0)
+    with pytest.raises(ValueError, match=r"remove Trainer\(gradient_clip_val=1.0\).*--model.gradient_clip_val"):
+        clipping.fit(model, loader(mixture(32), 32))
+    # refused by a hook, not by reading a property: attached to that Trainer, the model still answers
+    assert model.trainer is clipping and model.automatic_optimization is False
+    (metrics,) = clipping.validate(model, loader(mixture(32), 32), verbose=False)  # clipping concerns fit only
+    assert math.isfinite(metrics["val/d_loss"])
 
 
-def test_optimizers_come_from_the_gan_flags_and_optimizer_is_refused():
+QUIET = ["--trainer.fast_dev_run", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+
+
+def test_an_optimizer_from_the_command_line_replaces_the_recipes_for_its_network_only():
     config = str(REPO / "configs" / "dcgan_digits.yaml")
-    with pytest.raises(ValueError, match="--optimizer cannot set them.*--model.lr_g.*--model.optimizer_g"):
-        main(["fit", "--config", config, "--optimizer", "SGD", "--trainer.logger", "false"])
-    cli = main(
-        [
-            "fit",
-            "--config",
-            config,
-            "--model.optimizer_d",
-            "RMSprop",
-            "--model.optimizer_d.lr",
-            "5e-5",
-            "--model.scheduler_g",
-            "StepLR",
-            "--model.scheduler_g.step_size",
-            "3",
-            "--model.lr_g",
-            "3e-4",
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    cli = main(["fit", "--config", config, "--model.optimizer_g", "AdamW", "--model.optimizer_g.lr", "3e-4", *QUIET])
     g_opt, d_opt = cli.trainer.optimizers
-    assert type(g_opt).__name__ == "Adam" and g_opt.param_groups[0]["lr"] == 3e-4
-    assert g_opt.param_groups[0]["betas"] == (0.5, 0.999)
-    assert type(d_opt).__name__ == "RMSprop" and d_opt.param_groups[0]["lr"] == 5e-5
+    assert type(g_opt) is torch.optim.AdamW and g_opt.param_groups[0]["lr"] == 3e-4
+    # the recipe's discriminator optimizer, as it was: Adam with lr 2e-4 and betas (0.5, 0.999)
+    assert type(d_opt) is torch.optim.Adam and d_opt.param_groups[0]["lr"] == 2e-4
+    assert d_opt.param_groups[0]["betas"] == (0.5, 0.999)
+    assert {id(p) for p in g_opt.param_groups[0]["params"]} == {id(p) for p in cli.model.generator.parameters()}
+
+
+def test_an_optimizer_and_a_scheduler_per_network_from_the_command_line():
+    cli = main(
+        ["fit", "--config", str(REPO / "configs" / "dcgan_digits.yaml"),
+         "--model.optimizer_d", "RMSprop", "--model.optimizer_d.lr", "5e-5",
+         "--model.lr_scheduler_g", "StepLR", "--model.lr_scheduler_g.step_size", "3", *QUIET]
+    )  # fmt: skip
+    g_opt, d_opt = cli.trainer.optimizers
+    assert type(g_opt) is torch.optim.Adam and g_opt.param_groups[0]["lr"] == 2e-4  # the recipe's
+    assert type(d_opt) is torch.optim.RMSprop and d_opt.param_groups[0]["lr"] == 5e-5
     (scheduler,) = cli.trainer.lr_scheduler_configs
     assert scheduler.scheduler.optimizer is g_opt and scheduler.scheduler.step_size == 3
+
+
+def test_an_injected_optimizer_replaces_the_default_of_its_network_only():
+    model = GAN(optimizer_g=partial(torch.optim.SGD, lr=0.1), **POINTS)
+    g_config, d_config = model.configure_optimizers()
+    g_opt, d_opt = g_config["optimizer"], d_config["optimizer"]
+    assert type(g_opt) is torch.optim.SGD and g_opt.param_groups[0]["lr"] == 0.1
+    assert type(d_opt) is DiscriminatorAdam
+    assert d_opt.param_groups[0]["lr"] == 4e-4 and d_opt.param_groups[0]["betas"] == (0.5, 0.999)
+    # each optimizer steps its own network's parameters (the average's are frozen, in neither)
+    assert {id(p) for p in g_opt.param_groups[0]["params"]} == {id(p) for p in model.generator.parameters()}
+    assert {id(p) for p in d_opt.param_groups[0]["params"]} == {id(p) for p in model.discriminator.parameters()}
+    default_g = GAN(**POINTS).configure_optimizers()[0]["optimizer"]
+    assert type(default_g) is GeneratorAdam and default_g.param_groups[0]["lr"] == 1e-4
+    assert default_g.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_each_networks_scheduler_steps_once_per_epoch():
+    class RecordLearningRates(Callback):
+        def __init__(self) -> None:
+            self.rates: list[tuple[float, float]] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.rates.append(tuple(opt.param_groups[0]["lr"] for opt in trainer.optimizers))
+
+    model = GAN(
+        lr_scheduler_g=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        lr_scheduler_d=partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.1), **POINTS,
+    )  # fmt: skip
+    record = RecordLearningRates()
+    t = trainer(max_epochs=3, limit_val_batches=0, callbacks=[record])
+    t.fit(model, loader(mixture(64), 32))  # two batches per epoch: the rates change between epochs only
+    expected = [(1e-4, 4e-4), (5e-5, 4e-4), (2.5e-5, 4e-5)]
+    assert record.rates == [pytest.approx(pair, rel=1e-9) for pair in expected]
+    assert [config.scheduler.last_epoch for config in t.lr_scheduler_configs] == [3, 3]
+
+
+def test_a_plateau_scheduler_is_refused_naming_why():
+    model = GAN(lr_scheduler_d=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=2), **POINTS)
+    with pytest.raises(ValueError, match="without a metric, so ReduceLROnPlateau .*epoch-based scheduler"):
+        model.configure_optimizers()
+
+
+@pytest.mark.parametrize("penalties", [dict(), dict(gp_weight=10.0, r1_gamma=1.0)], ids=["plain", "penalised"])
+def test_both_objectives_return_an_objective_with_a_finite_loss_of_their_network(penalties):
+    model = GAN(num_classes=3, instance_noise=0.1, **POINTS, **penalties)
+    batch = (mixture(8), torch.arange(8) % 3)
+    d_objective = model.discriminator_objective(batch, noise=torch.Generator().manual_seed(0))
+    g_objective = model.generator_objective(batch, noise=torch.Generator().manual_seed(0))
+    penalty_terms = {"gradient_penalty", "r1_penalty"} if penalties else set()
+    assert set(d_objective.terms) == {"loss", "d_real", "d_fake"} | penalty_terms and set(g_objective.terms) == {"loss"}
+    for objective, own in ((d_objective, model.discriminator), (g_objective, model.generator)):
+        assert isinstance(objective, Objective) and objective.batch_size == 8
+        assert objective.loss.dim() == 0 and objective.loss.isfinite()
+        # each loss reaches every weight of the network that minimises it
+        grads = torch.autograd.grad(objective.loss, [*own.parameters()], retain_graph=True)
+        assert all(g.isfinite().all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # the D step's fakes are made without a graph: its loss does not reach the generator
+    g_params = [*model.generator.parameters()]
+    assert all(g is None for g in torch.autograd.grad(d_objective.loss, g_params, allow_unused=True))
+
+
+def test_the_logged_names_of_the_two_objectives():
+    model = GAN(gp_weight=1.0, r1_gamma=1.0, **POINTS)
+    t = trainer(max_epochs=1)
+    t.fit(model, loader(mixture(64), 32), loader(mixture(32), 32))
+    logged = {name for name in t.callback_metrics if name.startswith("train/") and not name.endswith("_step")}
+    names = ["d_loss", "d_real", "d_fake", "gradient_penalty", "r1_penalty", "g_loss"]
+    assert logged == {f"train/{name}" for name in names}
+    # evaluation trains nothing: no penalties (they need input gradients)
+    assert {n for n in t.callback_metrics if n.startswith("val/")} == {"val/d_loss", "val/d_real", "val/d_fake",
+                                                                      "val/g_loss"}  # fmt: skip
+
+
+def test_the_noise_stream_of_a_batch_depends_on_seed_rank_and_count_alone_and_resumes():
+    def draws(stream: NoiseStream, rank: int, batches: int) -> list[torch.Tensor]:
+        return [torch.randn(3, generator=stream.next_batch(torch.device("cpu"), rank)) for _ in range(batches)]
+
+    stream = NoiseStream(7)
+    first = draws(stream, 0, 3)
+    assert stream.state_dict() == {"noise_seed": 7, "batches_seen": 3}
+    torch.manual_seed(123)  # the global stream plays no part
+    assert all(torch.equal(a, b) for a, b in zip(first, draws(NoiseStream(7), 0, 3), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, draws(NoiseStream(7), 1, 3), strict=True))  # per rank
+    assert not torch.equal(first[0], draws(NoiseStream(8), 0, 1)[0])  # per seed
+    resumed = NoiseStream(0)
+    resumed.load_state_dict({"noise_seed": 7, "batches_seen": 1})
+    assert all(torch.equal(a, b) for a, b in zip(first[1:], draws(resumed, 0, 2), strict=True))
 
 
 def test_spectral_norm_bounds_every_discriminator_layer():
@@ -445,7 +538,7 @@ def test_sampling_validation_test_and_predict_use_the_average_and_use_ema_false_
             p.add_(torch.randn_like(p))
         model.ema.module[-1].bias.add_(1.5)  # its points lie elsewhere
     x = mixture(16)
-    g = torch.Generator().manual_seed(0)  # _evaluate seeds its noise with the batch index
+    g = torch.Generator().manual_seed(0)  # evaluation seeds its noise with the batch index
     z_d, z_g = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
 
     def expected(net: nn.Module) -> dict[str, float]:
@@ -475,7 +568,7 @@ def test_sampling_validation_test_and_predict_use_the_average_and_use_ema_false_
 def test_label_smoothing_sets_the_real_target_of_the_discriminator_step(loss):
     model = GAN(loss=loss, label_smoothing=0.2, ema_decay=None, discriminator=smooth_critic(), **POINTS)
     x = mixture(8)
-    _, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(3))
+    d_loss = model.discriminator_objective(x, noise=torch.Generator().manual_seed(3)).loss
     with torch.no_grad():
         fake = model.generator(torch.randn(8, 4, generator=torch.Generator().manual_seed(3)))
         real_scores, fake_scores = model.critic(x, None), model.critic(fake, None)
@@ -484,7 +577,7 @@ def test_label_smoothing_sets_the_real_target_of_the_discriminator_step(loss):
     else:
         expected = 0.5 * ((real_scores - 0.8) ** 2).mean() + 0.5 * (fake_scores**2).mean()
         unsmoothed = 0.5 * ((real_scores - 1.0) ** 2).mean()
-    assert terms["d_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert d_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected - unsmoothed - bce(fake_scores, 0.0) * (loss == "non_saturating")).item() > 1e-3
 
 
@@ -496,23 +589,25 @@ def test_lazy_r1_at_the_real_points_weighs_gamma_over_two_times_the_interval_eve
         fake = model.generator(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
     r1_fake = (input_gradients(lambda v: model.critic(v, None), fake) ** 2).sum(1).mean()
     assert abs(r1_real - r1_fake) > 0.1 * r1_real  # where R1 is evaluated matters for this critic
+    with torch.no_grad():  # the adversarial loss alone: the penalties need gradients
+        adversarial = model.discriminator_objective(x, noise=torch.Generator().manual_seed(0)).loss
     for d_steps in range(6):
         model.d_steps = d_steps
-        loss, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(0))
+        terms = model.discriminator_objective(x, noise=torch.Generator().manual_seed(0)).terms
         if d_steps % 3 == 0:
             assert terms["r1_penalty"].item() == pytest.approx(r1_real.item(), rel=1e-5)
-            expected = terms["d_loss"] + 2.0 / 2 * 3 * r1_real
+            expected = adversarial + 2.0 / 2 * 3 * r1_real  # the loss minimised includes the weighted penalty
         else:
             assert "r1_penalty" not in terms
-            expected = terms["d_loss"]
-        assert loss.item() == pytest.approx(expected.item(), rel=1e-5), d_steps
+            expected = adversarial
+        assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5), d_steps
 
 
 def test_instance_noise_is_added_to_what_the_discriminator_sees_in_both_steps():
     model = GAN(instance_noise=0.5, ema_decay=None, discriminator=smooth_critic(), **POINTS)
     x = mixture(8)
-    _, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(5))
-    g_terms = model.generator_terms(8, None, torch.Generator().manual_seed(6))
+    terms = model.discriminator_objective(x, noise=torch.Generator().manual_seed(5)).terms
+    g_loss_got = model.generator_objective(x, noise=torch.Generator().manual_seed(6)).loss
     g = torch.Generator().manual_seed(5)  # the order of draws: latents, noise on the reals, noise on the fakes
     with torch.no_grad():
         fake = model.generator(torch.randn(8, 4, generator=g))
@@ -524,7 +619,7 @@ def test_instance_noise_is_added_to_what_the_discriminator_sees_in_both_steps():
         noiseless = model.critic(x, None).mean()
     assert terms["d_real"].item() == pytest.approx(real_scores.mean().item(), rel=1e-5)
     assert terms["d_fake"].item() == pytest.approx(fake_scores.mean().item(), rel=1e-5)
-    assert g_terms["g_loss"].item() == pytest.approx(g_loss.item(), rel=1e-5)
+    assert g_loss_got.item() == pytest.approx(g_loss.item(), rel=1e-5)
     assert abs(noiseless - real_scores.mean()).item() > 1e-3  # the noise changes what the critic sees
 
 
@@ -544,7 +639,7 @@ def test_penalties_of_a_quadratic_critic_are_taken_at_the_interpolates_and_at_th
 def test_the_gan_takes_the_gradient_penalty_at_real_fake_interpolates():
     model = GAN(loss="wasserstein", gp_weight=10.0, ema_decay=None, discriminator=smooth_critic(), **POINTS)
     x = mixture(8)
-    loss, terms = model.discriminator_terms(x, None, torch.Generator().manual_seed(2))
+    terms = model.discriminator_objective(x, noise=torch.Generator().manual_seed(2)).terms
     g = torch.Generator().manual_seed(2)  # the order of draws: latents, then the interpolation weights
     with torch.no_grad():
         fake = model.generator(torch.randn(8, 4, generator=g))
@@ -556,16 +651,18 @@ def test_the_gan_takes_the_gradient_penalty_at_real_fake_interpolates():
     expected = penalty_at(alpha * x + (1 - alpha) * fake)
     assert abs(expected - penalty_at(x)) > 0.1 * expected  # at the real points it would be another value
     assert terms["gradient_penalty"].item() == pytest.approx(expected, rel=1e-5)
-    assert loss.item() == pytest.approx(terms["d_loss"].item() + 10.0 * expected, rel=1e-5)
+    # the loss minimised: the Wasserstein critic loss, mean D(fake) - mean D(real), plus the weighted penalty
+    adversarial = terms["d_fake"] - terms["d_real"]
+    assert terms["loss"].item() == pytest.approx(adversarial.item() + 10.0 * expected, rel=1e-5)
 
 
 def test_training_latents_differ_between_batches_and_repeat_after_a_resume(tmp_path):
     def record_latents(model: GAN) -> list[torch.Tensor]:
         drawn, latent = [], model.latent
 
-        def recording(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-            z = latent(n, generator)
-            if generator is not None:  # the training noise stream (sample() draws from the global one)
+        def recording(n: int, noise: torch.Generator | None = None) -> torch.Tensor:
+            z = latent(n, noise)
+            if noise is not None:  # the training noise stream (sample() draws from the global one)
                 drawn.append(z.clone())
             return z
 
@@ -644,7 +741,7 @@ def test_the_average_samples_with_the_batch_norm_statistics_of_its_own_weights()
     samples = model.sample(4)
     # the statistics that update_bn gives the averaged weights on the model's own fixed latents
     expected = copy.deepcopy(model.ema.module)
-    noise = torch.Generator().manual_seed(model.noise_seed)
+    noise = torch.Generator().manual_seed(model.noise_stream.seed)
     update_bn([torch.randn(128, 8, generator=noise) for _ in range(8)], expected)
     for ours, theirs, old in zip(model.ema.module.buffers(), expected.buffers(), averaged, strict=True):
         assert torch.equal(ours, theirs)

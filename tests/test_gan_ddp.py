@@ -31,9 +31,9 @@ class RecordingGAN(GAN):
 
     noise_seen = []
 
-    def latent(self, n, generator=None):
-        z = super().latent(n, generator)
-        if generator is not None:
+    def latent(self, n, noise=None):
+        z = super().latent(n, noise)
+        if noise is not None:
             self.noise_seen.append(z[0, 0].item())
         return z
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from dgm_lightning import GAN, Classifier, Flow
+from dgm_lightning import GAN
 from dgm_lightning.cli import DGMCLI, main
 from tests.helpers import PRINT_IMPORTS, assert_imported_the_tree_under_test, tree_under_test_env, write_idx_files
 
@@ -60,13 +59,10 @@ class FixedBatchObjective(Callback):
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)  # the same sampling, dequantization and word dropout noise before and after
             if isinstance(model, GAN):
-                loss, _ = model.discriminator_terms(x, y, torch.Generator().manual_seed(0), net=self.initial_generator)
-            elif isinstance(model, Flow):
-                loss = model.likelihood_terms(x, y)["loss"]
-            elif isinstance(model, Classifier):
-                loss = F.cross_entropy(model(x), y)
-            else:  # AE, VAE, FlowVAE, RecurrentVAE
-                loss = model.loss_terms(x, y)[0]["loss"]
+                noise = torch.Generator().manual_seed(0)
+                loss = model.discriminator_objective(self.batch, noise=noise, net=self.initial_generator).loss
+            else:  # every family with one objective
+                loss = model.objective(self.batch).loss
             for name, value in model.named_buffers():
                 value.copy_(buffers[name])
         return loss.item()
@@ -103,7 +99,7 @@ def test_recipes_named_in_the_readme_exist():
 
 
 def test_another_optimizer_from_the_command_line():
-    cli = main(["fit", "--config", str(REPO / "configs" / "vae_digits.yaml"), "--optimizer", "SGD",
-                "--optimizer.lr", "0.01", "--trainer.fast_dev_run", "true", "--trainer.logger", "false"])  # fmt: skip
+    cli = main(["fit", "--config", "vae_digits", "--model.optimizer", "SGD", "--model.optimizer.lr", "0.01",
+                "--trainer.fast_dev_run", "true", "--trainer.logger", "false"])  # fmt: skip
     (optimizer,) = cli.trainer.optimizers
     assert type(optimizer).__name__ == "SGD" and optimizer.param_groups[0]["lr"] == 0.01

@@ -15,14 +15,17 @@ A generator maps latent vectors (B, in_dim) to examples (B, *data_shape); a disc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-ARCHITECTURES = ("mlp", "dcgan")
+from dgm_lightning.checks import check_choice
+
+Architecture = Literal["mlp", "dcgan"]  # the default nets' families (see the module docstring)
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -212,23 +215,22 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
 
 
 def build_generator(
-    architecture: str,
+    architecture: Architecture,
     in_dim: int,
     data_shape: Sequence[int],
     hidden_dims: Sequence[int] | None,
     value_range: Sequence[float],
 ) -> nn.Module:
     """Default generator for ``architecture`` (``mlp`` or ``dcgan``); hidden_dims are the discriminator's, mirrored."""
+    check_choice("architecture", architecture, Architecture)
     if architecture == "mlp":
         return MLPGenerator(in_dim, data_shape, tuple(reversed(hidden_dims or (256, 256))), value_range)
-    if architecture == "dcgan":
-        shape = _check_image(data_shape)
-        return DCGANGenerator(in_dim, shape, hidden_dims or default_dcgan_channels(shape), value_range)
-    raise ValueError(f"unknown architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    shape = _check_image(data_shape)
+    return DCGANGenerator(in_dim, shape, hidden_dims or default_dcgan_channels(shape), value_range)
 
 
 def build_discriminator(
-    architecture: str,
+    architecture: Architecture,
     data_shape: Sequence[int],
     hidden_dims: Sequence[int] | None,
     *,
@@ -236,14 +238,39 @@ def build_discriminator(
     batch_norm: bool = True,
 ) -> Discriminator:
     """Default discriminator for ``architecture``; ``batch_norm`` only concerns ``dcgan``."""
+    check_choice("architecture", architecture, Architecture)
     if architecture == "mlp":
         features: nn.Module = MLPFeatures(data_shape, hidden_dims or (256, 256))
-    elif architecture == "dcgan":
+    else:
         shape = _check_image(data_shape)
         features = DCGANFeatures(shape, hidden_dims or default_dcgan_channels(shape), batch_norm=batch_norm)
-    else:
-        raise ValueError(f"unknown architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
     return Discriminator(features, num_classes=num_classes)
+
+
+def build_networks(
+    architecture: Architecture,
+    in_dim: int,
+    data_shape: Sequence[int],
+    hidden_dims: Sequence[int] | None,
+    value_range: Sequence[float],
+    *,
+    num_classes: int | None = None,
+    batch_norm: bool = True,
+    spectral_norm: bool = False,
+    generator: nn.Module | None = None,
+    discriminator: nn.Module | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """A GAN's generator and discriminator: those given, or the defaults of ``architecture`` (``build_generator``,
+    ``build_discriminator``); the discriminator's layers spectral-normalised when ``spectral_norm``."""
+    if generator is None:
+        generator = build_generator(architecture, in_dim, data_shape, hidden_dims, value_range)
+    if discriminator is None:
+        discriminator = build_discriminator(
+            architecture, data_shape, hidden_dims, num_classes=num_classes, batch_norm=batch_norm
+        )
+    if spectral_norm:
+        apply_spectral_norm(discriminator)
+    return generator, discriminator
 
 
 def _check_image(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -284,6 +311,13 @@ class WarmupEMA(AveragedModel):
     def decay_after(self, num_updates: int) -> float:
         """The decay of the update that follows ``num_updates`` >= 1 earlier ones (the first one copies)."""
         return min(self.decay, 0.5 ** (1 / (self.rampup * num_updates)))
+
+    def fresh_module(self, inputs: Callable[[], list[Tensor]]) -> nn.Module:
+        """The averaged network, its batch-norm statistics recomputed on ``inputs()`` first if its weights moved
+        since they last were (``recompute_batch_norm``)."""
+        if self.statistics_stale:
+            self.recompute_batch_norm(inputs())
+        return self.module
 
     def update_parameters(self, model: nn.Module) -> None:
         super().update_parameters(model)
