@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
+from typing_extensions import override
 
 from callbacks.density import density_panels, is_2d
 from dgm_lightning.checks import check_positive
@@ -124,6 +125,7 @@ class ImageLogger(Callback):
         self._inputs: tuple[Tensor, Tensor | None] | None = None
         self._points: list[Tensor] = []  # validation points of 2D data, up to num_points
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "sample", None)):
             raise TypeError(
@@ -131,6 +133,7 @@ class ImageLogger(Callback):
                 "remove ImageLogger from its callbacks"
             )
 
+    @override
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
@@ -146,6 +149,7 @@ class ImageLogger(Callback):
             self._inputs = (x[:n].detach(), None if y is None else y[:n].detach())
 
     @rank_zero_only
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs or not draws_images(pl_module):
             return

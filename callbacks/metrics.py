@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
+from typing_extensions import override
 
 from dgm_lightning.checks import check_positive
 
@@ -164,11 +165,13 @@ class GenerativeMetrics(Callback):
             built["is"] = InceptionScore(logits, normalize=False)
         return {name: metric.to(device) for name, metric in built.items()}
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self.evaluate(trainer, pl_module, "val", trainer.val_dataloaders)
 
+    @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.evaluate(trainer, pl_module, "test", trainer.test_dataloaders)
 

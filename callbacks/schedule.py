@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 SCHEDULES = ("linear", "cosine", "cyclical", "sigmoid")
 
@@ -88,6 +89,7 @@ class ParameterSchedule(Callback):
     def value(self, step: int) -> float:
         return schedule_value(self.schedule, step, **self.kwargs)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         current = getattr(pl_module, self.attribute, None)
         if not isinstance(current, float):
@@ -97,10 +99,12 @@ class ParameterSchedule(Callback):
                 f"schedulable attributes: {', '.join(floats) or 'none'}"
             )
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after a resume, the model holds its constructor value until the first batch; set it now
         setattr(pl_module, self.attribute, self.value(self.batches_seen))
 
+    @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -108,11 +112,14 @@ class ParameterSchedule(Callback):
         setattr(pl_module, self.attribute, value)
         pl_module.log(f"train/{self.attribute}", value, on_step=True, on_epoch=False)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.batches_seen += 1
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"batches_seen": self.batches_seen}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_seen = state_dict["batches_seen"]

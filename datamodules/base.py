@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from typing_extensions import override
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,19 @@ class SplitDataModule(L.LightningDataModule):
             num_workers=workers, persistent_workers=workers > 0,
         )  # fmt: skip
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
 
@@ -152,6 +157,7 @@ class InMemoryImageDataModule(SplitDataModule):
         """The dataset's official test set, like ``load()``; None (the default) carves one out by test_fraction."""
         return None
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -185,6 +191,7 @@ class InMemoryImageDataModule(SplitDataModule):
             for split, idx in indices.items()
         }
 
+    @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # dynamic binarization: a fresh binary draw of every training image each time it is seen
         if self.hparams.binarize and self.trainer is not None and self.trainer.training:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor
+from typing_extensions import override
 
 from datamodules.base import InMemoryImageDataModule
 
@@ -81,6 +82,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
                 return folder
         return None
 
+    @override
     def prepare_data(self) -> None:
         if self.download and self._folder() is None:
             torchvision.datasets.CIFAR10(str(self.data_dir), download=True)

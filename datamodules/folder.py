@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
+from typing_extensions import override
 
 from datamodules.base import DataSpec, SplitDataModule, split_indices
 
@@ -123,6 +124,7 @@ class ImageFolderDataModule(SplitDataModule):
             )
         return paths, labels
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -177,10 +179,12 @@ class CelebADataModule(ImageFolderDataModule):
     def classes(self) -> list[str]:
         return []
 
+    @override
     def prepare_data(self) -> None:
         if self.download and self._root() is None:
             torchvision.datasets.CelebA(str(self.data_dir), split="all", download=True)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor
+from typing_extensions import override
 
 from datamodules.base import InMemoryImageDataModule
 
@@ -98,6 +99,7 @@ class MNISTDataModule(InMemoryImageDataModule):
     def search_dirs(self) -> list[Path]:
         return [self.data_dir, self.data_dir / self.torchvision_dataset.__name__ / "raw"]
 
+    @override
     def prepare_data(self) -> None:
         if self.download and self._find("train") is None:
             for train in (True, False):

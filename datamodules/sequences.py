@@ -15,10 +15,12 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from datamodules.base import DataSpec, InMemoryImageDataModule, SplitDataModule, check_split_args, split_indices
 from datamodules.digits import DigitsDataModule
 from datamodules.mnist import FashionMNISTDataModule, MNISTDataModule
+from dgm_lightning.checks import check_choice
 from dgm_lightning.vocabulary import PAD, Level, Vocabulary, tokenize
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -39,6 +41,7 @@ class SequenceDataModule(SplitDataModule):
     splits: dict[str, list[Tensor]]
     collate_fn = staticmethod(pad_batch)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict" if "predict" in self.splits else "test")
 
@@ -75,8 +78,7 @@ class TextLinesDataModule(SequenceDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if level not in ("char", "word"):
-            raise ValueError(f"unknown level {level!r}; choose one of: char, word")
+        check_choice("level", level, Level)
         if max_len <= 0:
             raise ValueError(f"max_len must be > 0 tokens, got {max_len}")
         if min_freq < 1 or (max_vocab is not None and max_vocab < 1):
@@ -112,6 +114,7 @@ class TextLinesDataModule(SequenceDataModule):
             raise ValueError(f"{name}: {self.path} holds no text (no non-empty line)")
         return lines
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         lines = self.read_lines()
         if stage == "predict":
@@ -142,10 +145,12 @@ class TextLinesDataModule(SequenceDataModule):
             for split, lines in self.lines.items()
         }
 
+    @override
     def state_dict(self) -> dict[str, list[str]]:
         # saved in checkpoints beside the model's copy, so a resumed run keeps the same ids
         return {} if self.vocabulary is None else {"vocab": list(self.vocabulary.tokens)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, list[str]]) -> None:
         if "vocab" in state_dict:
             self.set_vocabulary(Vocabulary(tuple(state_dict["vocab"]), self.hparams.level))
@@ -209,9 +214,11 @@ class SequentialImageDataModule(SequenceDataModule):
         _, h, w = self.images.data_shape
         return DataSpec((h, w), (0.0, 1.0), None)
 
+    @override
     def prepare_data(self) -> None:
         self.images.prepare_data()
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -295,6 +302,7 @@ class CSVSequenceDataModule(SequenceDataModule):
             raise ValueError(f"{name}: {self.path} holds NaN or infinite values")
         return data
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from datamodules.base import DataSpec, SplitDataModule
 from dgm_lightning.checks import check_positive
@@ -98,6 +99,7 @@ class Toy2DDataModule(SplitDataModule):
     def data_spec(self) -> DataSpec:
         return DataSpec((2,), self.value_range, None)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -106,5 +108,6 @@ class Toy2DDataModule(SplitDataModule):
             generator = torch.Generator().manual_seed(self.hparams.seed + offset)
             self.splits[split] = TensorDataset(sample_toy2d(self.density, n, generator))
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")

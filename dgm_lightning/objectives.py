@@ -24,7 +24,7 @@ from torch.distributions import (
 )
 from torch.nn import functional as F
 
-from dgm_lightning.checks import check_choice, choices
+from dgm_lightning.checks import check_choice
 
 
 @dataclass
@@ -55,14 +55,13 @@ class Objective:
 
 
 Likelihood = Literal["bernoulli", "continuous_bernoulli", "gaussian", "gaussian_learned"]
-LIKELIHOODS = choices(Likelihood)
 
 
 def reconstruction_distribution(likelihood: str, params: Tensor, *, log_scale: Tensor | None = None) -> Distribution:
     """The decoder's distribution p(x|z) over whole images (event dims = all but the batch dim).
 
     Args:
-        likelihood: one of ``LIKELIHOODS``. ``bernoulli`` and ``continuous_bernoulli`` read ``params``
+        likelihood: one of ``Likelihood``. ``bernoulli`` and ``continuous_bernoulli`` read ``params``
             as logits; the Gaussians read it as the mean.
         params: decoder output, shape (B, C, H, W) or any (B, ...).
         log_scale: log standard deviation for the Gaussians (a scalar or broadcastable tensor).
@@ -158,14 +157,13 @@ def active_units(posterior_means: Tensor, threshold: float = 0.01) -> Tensor:
 # -- GANs ----------------------------------------------------------------------------------------
 
 GANLoss = Literal["non_saturating", "minimax", "least_squares", "wasserstein", "hinge"]
-GAN_LOSSES = choices(GANLoss)
 
 
 def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor, *, real_target: float = 1.0) -> Tensor:
     """The discriminator's (critic's) loss for raw outputs D(x) on real and generated examples, batch-averaged.
 
     Args:
-        kind: one of ``GAN_LOSSES``. ``non_saturating`` and ``minimax`` share the binary cross-entropy loss
+        kind: one of ``GANLoss``. ``non_saturating`` and ``minimax`` share the binary cross-entropy loss
             of the discriminator; ``least_squares`` regresses real to 1 and fake to 0; ``wasserstein`` is
             mean D(fake) - mean D(real); ``hinge`` is mean relu(1 - D(real)) + mean relu(1 + D(fake)).
         real_logits: D's raw outputs on real examples, any shape.

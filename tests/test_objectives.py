@@ -10,8 +10,8 @@ from torch.distributions import Normal, Uniform
 from torch.nn import functional as F
 
 from dgm_lightning import objectives
+from dgm_lightning.checks import choices
 from dgm_lightning.objectives import (
-    LIKELIHOODS,
     active_units,
     bits_per_dim,
     free_bits_kl,
@@ -172,7 +172,7 @@ def test_active_units_needs_two_rows(n):
 SHAPE = (3, 2, 4, 5)  # (B, C, H, W)
 
 
-@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("likelihood", choices(objectives.Likelihood))
 def test_reconstruction_distribution_shapes(likelihood):
     params = _rand(*SHAPE)
     dist = reconstruction_distribution(likelihood, params, log_scale=torch.tensor(-1.0, dtype=DTYPE))
@@ -230,7 +230,7 @@ def test_continuous_bernoulli_normaliser_is_positive():
 def test_unknown_likelihood_lists_choices():
     with pytest.raises(ValueError, match="poisson") as info:
         reconstruction_distribution("poisson", _rand(*SHAPE))
-    for name in LIKELIHOODS:
+    for name in choices(objectives.Likelihood):
         assert name in str(info.value)
 
 
