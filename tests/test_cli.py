@@ -207,3 +207,18 @@ def test_a_batch_limit_of_1_is_one_batch_and_a_fraction_stays_a_fraction(tmp_pat
     assert trainer.limit_train_batches == 0.5
     trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     assert trainer.num_val_batches == [1]
+
+
+def test_another_optimizer_class_keeps_the_recipes_arguments_unless_reset_first():
+    """README: naming a class on top of a recipe's optimizer keeps the arguments the recipe gave; null resets."""
+    from dgm_lightning.cli import DGMCLI
+
+    def optimizer_g(*flags: str):
+        cli = DGMCLI(args=["--config", "dcgan_digits", *flags, "--trainer.logger", "false"], run=False)
+        spec = cli.config.model.init_args.optimizer_g
+        return spec.class_path, spec.init_args.lr, tuple(spec.init_args.betas), spec.init_args.weight_decay
+
+    assert optimizer_g() == ("torch.optim.Adam", 2e-4, (0.5, 0.999), 0.0)
+    assert optimizer_g("--model.optimizer_g", "AdamW") == ("torch.optim.AdamW", 2e-4, (0.5, 0.999), 0.01)
+    reset = ["--model.optimizer_g", "null", "--model.optimizer_g", "AdamW"]
+    assert optimizer_g(*reset) == ("torch.optim.AdamW", 1e-3, (0.9, 0.999), 0.01)
