@@ -222,3 +222,27 @@ def test_another_optimizer_class_keeps_the_recipes_arguments_unless_reset_first(
     assert optimizer_g("--model.optimizer_g", "AdamW") == ("torch.optim.AdamW", 2e-4, (0.5, 0.999), 0.01)
     reset = ["--model.optimizer_g", "null", "--model.optimizer_g", "AdamW"]
     assert optimizer_g(*reset) == ("torch.optim.AdamW", 1e-3, (0.9, 0.999), 0.01)
+
+
+@pytest.mark.parametrize("model", ["AE", "VAE", "FlowVAE"])
+def test_the_shared_settings_declared_once_are_documented_and_checked_in_every_latent_variable_model(model, capsys):
+    """AE, VAE and FlowVAE take LatentVariableModel's settings by name (**settings): the command line still lists
+    and documents each, and a misspelt one fails, on the command line and in Python."""
+    import dgm_lightning
+    from dgm_lightning.cli import DGMCLI
+
+    with pytest.raises(SystemExit):
+        DGMCLI(args=["fit", "--model.help", model], run=False)
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, doc in [
+        ("--model.hidden_dims", "hidden sizes (mlp) or channels (conv) of the default encoder"),
+        ("--model.likelihood", "``gaussian_learned`` (one learned scale"),
+        ("--model.optimizer", "builds the optimizer from the parameters"),
+        ("--model.lr_scheduler", "builds a learning-rate scheduler from the optimizer"),
+    ]:
+        assert flag in help_text and doc in help_text, flag
+    with pytest.raises(SystemExit):
+        DGMCLI(args=["fit", "--model", model, "--model.hiden_dims", "[8]"], run=False)
+    assert "hiden_dims" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="unexpected keyword argument 'hiden_dims'"):
+        getattr(dgm_lightning, model)(hiden_dims=[8])
