@@ -12,7 +12,7 @@ from dgm_lightning import objectives
 from dgm_lightning.checks import check_positive_int
 from dgm_lightning.nets.flow_layers import planar_flow
 from dgm_lightning.objectives import Objective
-from dgm_lightning.vae import VAE
+from dgm_lightning.vae import OBJECTIVE_SETTINGS, VAE
 
 
 class FlowVAE(VAE):
@@ -44,9 +44,16 @@ class FlowVAE(VAE):
             raise ValueError(f"num_flows must be an integer >= 0, got {num_flows!r}")
         self.num_flows = num_flows  # read by encoder_out_dim while the base class builds the encoder
         # settings: those of LatentVariableModel, declared there once (see AE)
-        super().__init__(latent_dim, beta=beta, free_bits=0.0, iwae_samples=iwae_samples, **settings)
-        # the VAE's free_bits is not an argument here: drop it, or load_from_checkpoint would pass it back
-        self.hparams.pop("free_bits", None)
+        # its objective is its own ELBO: the VAE's objective settings are fixed here, so neither Python nor the command
+        # line offers them (jsonargparse leaves out of **settings what a call gives by name)
+        super().__init__(
+            latent_dim, objective="elbo", beta=beta, free_bits=0.0, training_samples=1, miwae_groups=1, mi_weight=1.0,
+            dim_kl_weight=1.0, dataset_size=None, mmd_weight=10.0, mmd_kernel="imq", iwae_samples=iwae_samples,
+            **settings,
+        )  # fmt: skip
+        # the VAE's objective settings are not arguments here: drop them, or load_from_checkpoint would pass them back
+        for name in OBJECTIVE_SETTINGS:
+            self.hparams.pop(name, None)
 
     @property
     def encoder_out_dim(self) -> int:

@@ -1,10 +1,11 @@
-"""Variational autoencoder: beta weight, free bits, named likelihoods, class conditioning, IWAE likelihood."""
+"""Variational autoencoder: its objectives (ELBO, IWAE, MIWAE, beta-TC, MMD), likelihoods, class conditioning, IWAE
+likelihood."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -12,43 +13,95 @@ from torch.distributions import Normal
 from typing_extensions import override
 
 from dgm_lightning import objectives
-from dgm_lightning.checks import check_non_negative, check_positive_int
+from dgm_lightning.checks import check_choice, check_non_negative, check_positive_int
+from dgm_lightning.compat import attached_trainer
 from dgm_lightning.latent_variable import LatentVariableModel
-from dgm_lightning.objectives import Objective
+from dgm_lightning.objectives import Kernel, Objective
+
+VAEObjective = Literal["elbo", "iwae", "miwae", "beta_tc", "mmd"]
+# the VAE's settings of its objectives, which a subclass with an objective of its own (FlowVAE) does not take
+OBJECTIVE_SETTINGS = (
+    "objective", "free_bits", "training_samples", "miwae_groups", "mi_weight", "dim_kl_weight", "dataset_size",
+    "mmd_weight", "mmd_kernel",
+)  # fmt: skip
 
 
 class VAE(LatentVariableModel):
-    """Variational autoencoder with a Gaussian posterior and a standard normal prior.
+    """Variational autoencoder with a Gaussian posterior and a standard normal prior, trained by one of several
+    objectives (``objective``), each a pure function of ``dgm_lightning.objectives``:
 
-    The training loss is ``-E_q[log p(x|z)] + beta * KL`` where the KL may be floored per dimension
-    (free bits). ``beta`` and ``free_bits`` are plain float attributes, so a schedule callback can
-    anneal them. Validation logs the ELBO, its terms and the number of active units; test also logs
-    ``test/nll``, the importance-weighted estimate of -log p(x) with ``iwae_samples`` samples (nats per
-    example), and ``test/bpd``, the same in bits per dimension. Compare bpd across models only for the
-    same data space: a Bernoulli likelihood on grey levels is not a density of the discrete images that a
-    flow's bpd measures; on binarized data (``binarize: true``) it is.
+    - ``elbo``: ``-E_q[log p(x|z)] + beta * KL``, the KL floored per dimension by ``free_bits``;
+    - ``iwae``: the importance-weighted bound with ``training_samples`` samples per example (K = 1 is the ELBO);
+      ``miwae``: the mean of ``miwae_groups`` such bounds over groups of the samples;
+    - ``beta_tc``: the KL split into index-code MI, total correlation and dimension-wise KL, weighted by
+      ``mi_weight``, ``beta`` and ``dim_kl_weight`` (beta-TC-VAE; the aggregate posterior estimated on the batch
+      over a training set of ``dataset_size`` examples);
+    - ``mmd``: ``-E_q[log p(x|z)] + beta * KL + mmd_weight * MMD(q(z), p(z))`` (InfoVAE; ``beta`` 0 is the
+      WAE-MMD), with the ``mmd_kernel`` kernel.
+
+    Every weight is a plain float attribute, so a schedule callback can anneal it. Every objective also logs
+    ``elbo``, ``reconstruction`` and ``kl``, so runs with different objectives compare on the same scale. A
+    setting that the chosen objective does not use is refused rather than ignored. Validation logs the number of
+    active units; test also logs ``test/nll``, the importance-weighted estimate of -log p(x) with ``iwae_samples``
+    samples (nats per example), and ``test/bpd``, the same in bits per dimension. Compare bpd across models only
+    for the same data space: a Bernoulli likelihood on grey levels is not a density of the discrete images that
+    a flow's bpd measures; on binarized data (``binarize: true``) it is.
 
     Args:
         latent_dim: size of z.
-        beta: weight of the KL term (1 gives the ELBO; Higgins et al. 2017).
-        free_bits: nats per latent dimension below which the KL is not penalised (0 disables).
+        objective: ``elbo``, ``iwae``, ``miwae``, ``beta_tc`` or ``mmd`` (see above).
+        beta: weight of the KL term (1 gives the ELBO; Higgins et al. 2017); of the total correlation in
+            ``beta_tc``.
+        free_bits: nats per latent dimension below which the KL is not penalised (0 disables; ``elbo`` only).
+        training_samples: importance samples per example of the ``iwae`` and ``miwae`` objectives.
+        miwae_groups: groups the ``miwae`` objective splits its samples into (they must divide evenly).
+        mi_weight: weight of the index-code mutual information in ``beta_tc``.
+        dim_kl_weight: weight of the dimension-wise KL in ``beta_tc``.
+        dataset_size: examples in the training set, for ``beta_tc``'s estimate of the aggregate posterior; None
+            takes it from the Trainer's training data.
+        mmd_weight: weight of the MMD in ``mmd``.
+        mmd_kernel: ``imq`` (inverse multiquadric) or ``rbf``, with the bandwidth 2 * latent_dim (WAE's rule for a
+            standard normal prior).
         iwae_samples: importance samples for ``test/nll``.
         settings: see ``LatentVariableModel`` (the encoder outputs 2 * latent_dim: mean and log-variance).
 
     References: Kingma & Welling 2013, arXiv:1312.6114; conditional VAE, Sohn et al. 2015 (NeurIPS);
-        free bits, Kingma et al. 2016, arXiv:1606.04934; IWAE bound, Burda et al. 2015, arXiv:1509.00519.
+        free bits, Kingma et al. 2016, arXiv:1606.04934; IWAE bound, Burda et al. 2015, arXiv:1509.00519;
+        MIWAE, Rainforth et al. 2018, arXiv:1802.04537; beta-TC-VAE, Chen et al. 2018, arXiv:1802.04942;
+        InfoVAE, Zhao et al. 2017, arXiv:1706.02262; WAE, Tolstikhin et al. 2017, arXiv:1711.01558.
     """
 
     def __init__(
-        self, latent_dim: int = 16, *, beta: float = 1.0, free_bits: float = 0.0, iwae_samples: int = 100,
+        self,
+        latent_dim: int = 16,
+        *,
+        objective: VAEObjective = "elbo",
+        beta: float = 1.0,
+        free_bits: float = 0.0,
+        training_samples: int = 1,
+        miwae_groups: int = 1,
+        mi_weight: float = 1.0,
+        dim_kl_weight: float = 1.0,
+        dataset_size: int | None = None,
+        mmd_weight: float = 10.0,
+        mmd_kernel: Kernel = "imq",
+        iwae_samples: int = 100,
         **settings: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         # settings: those of LatentVariableModel, declared there once (see AE)
         super().__init__(latent_dim, **settings)
-        check_non_negative(beta=beta, free_bits=free_bits)
+        check_objective_settings(
+            objective, free_bits=free_bits, training_samples=training_samples, miwae_groups=miwae_groups,
+            mi_weight=mi_weight, dim_kl_weight=dim_kl_weight, dataset_size=dataset_size, mmd_weight=mmd_weight,
+            mmd_kernel=mmd_kernel,
+        )  # fmt: skip
+        check_non_negative(beta=beta)
         check_positive_int(iwae_samples=iwae_samples)
-        self.beta = float(beta)
-        self.free_bits = float(free_bits)
+        self.objective_name = objective  # not self.objective: that is the method
+        self.beta, self.free_bits = float(beta), float(free_bits)
+        self.mi_weight, self.dim_kl_weight, self.mmd_weight = float(mi_weight), float(dim_kl_weight), float(mmd_weight)
+        self.training_samples, self.miwae_groups, self.dataset_size = training_samples, miwae_groups, dataset_size
+        self.mmd_kernel = mmd_kernel
         self.iwae_samples = iwae_samples
         self.register_buffer("prior_loc", torch.zeros(latent_dim))
         self.register_buffer("prior_scale", torch.ones(latent_dim))
@@ -76,15 +129,75 @@ class VAE(LatentVariableModel):
         return self.prior_loc + self.prior_scale * noise
 
     def objective(self, batch: Tensor | Sequence[Tensor]) -> Objective:
-        """The negative ELBO (``loss``, with ``beta`` and ``free_bits``), its terms, and in evaluation ``mi``."""
+        """The chosen objective (``objective``) on a batch: ``loss``, ``elbo``, ``reconstruction``, ``kl`` and the
+        objective's own terms; in evaluation also ``mi``, an estimate of I(x; z)."""
         x, labels = self.unpack_batch(batch)
         q = self.posterior(x, labels=labels)
-        reconstruction = self.decoder_distribution(q.rsample(), labels).log_prob(x)  # (B,)
-        kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
-        terms = objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
+        if self.objective_name in ("iwae", "miwae"):
+            terms = self.importance_terms(x, labels, q)
+        else:
+            z = q.rsample()
+            terms = self.single_sample_terms(z, q, self.decoder_distribution(z, labels).log_prob(x))
         if not self.training and x.shape[0] > 1:  # a diagnostic, in validation and test
-            terms["mi"] = objectives.mutual_information(q)
+            terms.setdefault("mi", objectives.mutual_information(q))  # beta_tc has its own estimate
         return Objective(terms, batch_size=x.shape[0], codes=q.mean.detach())
+
+    def single_sample_terms(self, z: Tensor, q: Normal, reconstruction: Tensor) -> dict[str, Tensor]:
+        """The terms of the objectives that take one posterior sample z (B, D) per example: elbo, beta_tc, mmd.
+
+        beta_tc and mmd estimate a distribution of codes from the batch, which a batch of one example does not
+        have: such a batch (the last of an epoch, say) trains on the ELBO instead.
+        """
+        kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
+        if self.objective_name == "elbo" or z.shape[0] < 2:
+            return objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
+        if self.objective_name == "beta_tc":
+            return objectives.beta_tc_terms(
+                z, q, reconstruction, dataset_size=self.training_set_size(z.shape[0]), alpha=self.mi_weight,
+                beta=self.beta, gamma=self.dim_kl_weight, log_pz=self.prior.log_prob(z),
+            )  # fmt: skip
+        return objectives.mmd_terms(
+            z, reconstruction, prior_samples=self.prior.sample((z.shape[0],)), weight=self.mmd_weight, kl=kl,
+            kl_weight=self.beta, kernel=self.mmd_kernel,
+        )  # fmt: skip
+
+    def importance_terms(self, x: Tensor, labels: Tensor | None, q: Normal) -> dict[str, Tensor]:
+        """The terms of the iwae and miwae objectives, from ``training_samples`` posterior samples per example."""
+        log_px, log_pz, log_q = self.log_weights(x, labels, self.training_samples, q=q)
+        if self.objective_name == "iwae":
+            return objectives.iwae_terms(log_px, log_pz, log_q, beta=self.beta)
+        return objectives.miwae_terms(log_px, log_pz, log_q, num_groups=self.miwae_groups, beta=self.beta)
+
+    def training_set_size(self, batch_size: int) -> int:
+        """N, the examples that beta_tc's aggregate posterior is over: ``dataset_size``, or the size of the
+        Trainer's training data (its DataModule's, before the training loop has loaded it: the sanity check)."""
+        if self.dataset_size is not None:
+            return max(self.dataset_size, batch_size)
+        trainer = attached_trainer(self)
+        loader = None if trainer is None else trainer.train_dataloader
+        if loader is None and trainer is not None and trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        try:
+            return max(len(loader.dataset), batch_size)
+        except (AttributeError, TypeError):  # no Trainer, no training data (validate), or a dataset without len
+            raise ValueError(
+                "the beta_tc objective needs the size of the training set, which it takes from the Trainer's "
+                "training data; without them give it: dataset_size=N (--model.dataset_size N)"
+            ) from None
+
+    def log_weights(
+        self, x: Tensor, labels: Tensor | None, num_samples: int, *, q: Normal | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """log p(x | z_k), log p(z_k) and log q(z_k | x) for ``num_samples`` reparameterised draws z_k from the
+        posterior q (computed here unless given), each (num_samples, B)."""
+        q = self.posterior(x, labels=labels) if q is None else q
+        z = q.rsample((num_samples,))  # (K, B, D)
+        log_q = q.log_prob(z).sum(-1)
+        log_pz = self.prior.log_prob(z).sum(-1)
+        repeated_labels = None if labels is None else labels.repeat(num_samples)
+        px = self.decoder_distribution(z.flatten(0, 1), repeated_labels)  # batch (K * B,)
+        log_px = px.log_prob(x.repeat(num_samples, *([1] * (x.dim() - 1)))).view(num_samples, -1)
+        return log_px, log_pz, log_q
 
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None, num_samples: int = 100) -> Tensor:
         """Importance-weighted (IWAE) estimate of log p(x) (or log p(x | labels)) in nats, shape (B,), with
@@ -94,13 +207,7 @@ class VAE(LatentVariableModel):
         """
         check_positive_int(num_samples=num_samples)
         labels = self.check_input(x, labels, "log_prob")
-        q = self.posterior(x, labels=labels)
-        z = q.rsample((num_samples,))  # (K, B, D); reparameterised, so the estimate is differentiable
-        log_q = q.log_prob(z).sum(-1)
-        log_pz = self.prior.log_prob(z).sum(-1)
-        repeated_labels = None if labels is None else labels.repeat(num_samples)
-        px = self.decoder_distribution(z.flatten(0, 1), repeated_labels)  # batch (K * B,)
-        log_px = px.log_prob(x.repeat(num_samples, 1, 1, 1)).view(num_samples, -1)
+        log_px, log_pz, log_q = self.log_weights(x, labels, num_samples)
         return objectives.iwae_bound(log_px + log_pz - log_q)
 
     @override
@@ -114,3 +221,51 @@ class VAE(LatentVariableModel):
     def on_validation_codes(self, codes: Tensor) -> None:
         # codes are already gathered from all ranks, so every rank logs the same value
         self.log("val/active_units", objectives.active_units(codes).float(), sync_dist=True)
+
+
+def check_objective_settings(
+    objective: str,
+    *,
+    free_bits: float,
+    training_samples: int,
+    miwae_groups: int,
+    mi_weight: float,
+    dim_kl_weight: float,
+    dataset_size: int | None,
+    mmd_weight: float,
+    mmd_kernel: str,
+) -> None:
+    """Refuse settings out of range, and settings that the chosen objective would ignore (changed from their
+    defaults), naming the objectives that use them."""
+    check_choice("objective", objective, VAEObjective)
+    check_choice("mmd_kernel", mmd_kernel, Kernel)
+    check_non_negative(free_bits=free_bits, mi_weight=mi_weight, dim_kl_weight=dim_kl_weight, mmd_weight=mmd_weight)
+    check_positive_int(training_samples=training_samples, miwae_groups=miwae_groups, dataset_size=dataset_size)
+    used_by = {
+        "free_bits": (free_bits != 0.0, ("elbo",)),
+        "training_samples": (training_samples != 1, ("iwae", "miwae")),
+        "miwae_groups": (miwae_groups != 1, ("miwae",)),
+        "mi_weight": (mi_weight != 1.0, ("beta_tc",)),
+        "dim_kl_weight": (dim_kl_weight != 1.0, ("beta_tc",)),
+        "dataset_size": (dataset_size is not None, ("beta_tc",)),
+        "mmd_weight": (mmd_weight != 10.0, ("mmd",)),
+        "mmd_kernel": (mmd_kernel != "imq", ("mmd",)),
+    }
+    for name, (changed, objectives_using) in used_by.items():
+        if changed and objective not in objectives_using:
+            raise ValueError(
+                f"{name} applies to the {' and '.join(objectives_using)} objective, not to {objective!r}: leave it "
+                f"out, or choose objective={objectives_using[0]!r}"
+            )
+    if objective in ("iwae", "miwae") and training_samples == 1:
+        raise ValueError(
+            f"the {objective} objective with training_samples=1 is the ELBO: give it more importance samples per "
+            "example, such as training_samples=5 (--model.training_samples 5)"
+        )
+    if objective == "miwae" and miwae_groups == 1:
+        raise ValueError("miwae with miwae_groups=1 is the iwae objective: give miwae_groups > 1, or use iwae")
+    if objective == "miwae" and training_samples % miwae_groups:
+        raise ValueError(
+            f"miwae splits its training_samples ({training_samples}) into miwae_groups ({miwae_groups}) of equal "
+            "size: give a training_samples that miwae_groups divides"
+        )

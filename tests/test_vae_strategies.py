@@ -1,0 +1,138 @@
+"""The VAE's objectives as options (issue 13, point 1): each trains, logs the shared terms, and refuses settings it
+would ignore. The objectives themselves are checked against closed forms in tests/test_vae_objectives.py."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules import DigitsDataModule
+from dgm_lightning import VAE, FlowVAE
+from dgm_lightning.cli import main
+from tests.helpers import images, trainer
+
+SMALL = dict(latent_dim=3, data_shape=(1, 8, 8), hidden_dims=[32])
+OPTIONS = {
+    "elbo": {},
+    "iwae": {"training_samples": 4},
+    "miwae": {"training_samples": 4, "miwae_groups": 2},
+    "beta_tc": {"dataset_size": 1000, "beta": 4.0},
+    "mmd": {"beta": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def digits_batch() -> torch.Tensor:
+    data = DigitsDataModule()
+    data.setup()
+    return data.splits["train"].tensors[0][:32]
+
+
+def vae(objective: str, **kwargs) -> VAE:
+    torch.manual_seed(0)
+    return VAE(objective=objective, **SMALL, **{**OPTIONS[objective], **kwargs})
+
+
+@pytest.mark.parametrize("objective", OPTIONS)
+def test_every_objective_logs_the_shared_terms_and_its_loss_falls_on_a_fixed_batch(objective, digits_batch):
+    model = vae(objective)
+    x = digits_batch
+    terms = model.objective(x).terms
+    assert {"loss", "elbo", "reconstruction", "kl"} <= terms.keys()
+    own = {"iwae": {"iwae"}, "miwae": {"miwae", "iwae"}, "beta_tc": {"mi", "tc", "dim_kl"}, "mmd": {"mmd"}}
+    assert own.get(objective, set()) <= terms.keys()
+    optimizer = model.configure_optimizers()["optimizer"]
+    torch.manual_seed(1)
+    first = torch.stack([model.objective(x).loss.detach() for _ in range(5)]).mean()
+    for _ in range(100):
+        optimizer.zero_grad()
+        model.objective(x).loss.backward()
+        optimizer.step()
+    last = torch.stack([model.objective(x).loss.detach() for _ in range(5)]).mean()
+    assert last < first - 8.0, (first, last)  # seen: about 46 -> 31 nats for each objective
+
+
+def test_the_iwae_objective_is_minus_its_bound_and_lies_above_the_elbo():
+    model = vae("iwae", training_samples=8).eval()
+    x = images(16)
+    torch.manual_seed(0)
+    terms = [model.objective(x).terms for _ in range(50)]
+    iwae = torch.stack([t["iwae"] for t in terms]).mean()
+    elbo = torch.stack([t["elbo"] for t in terms]).mean()
+    assert all(torch.equal(t["loss"], -t["iwae"]) for t in terms)
+    assert iwae > elbo  # the importance-weighted bound is the tighter one
+
+
+def test_the_mmd_objective_with_beta_zero_is_reconstruction_plus_weighted_mmd():
+    model = vae("mmd", mmd_weight=3.0)
+    terms = model.objective(images(16)).terms
+    torch.testing.assert_close(terms["loss"], -terms["reconstruction"] + 3.0 * terms["mmd"])
+
+
+def test_beta_tc_splits_the_kl_and_takes_the_training_set_size_from_the_trainer():
+    model = vae("beta_tc")
+    terms = model.objective(images(16)).terms
+    torch.testing.assert_close(terms["mi"] + terms["tc"] + terms["dim_kl"], terms["kl"], rtol=1e-4, atol=1e-4)
+    model = VAE(objective="beta_tc", **SMALL)  # no dataset_size, no Trainer
+    with pytest.raises(ValueError, match="needs the size of the training set.*dataset_size"):
+        model.objective(images(16))
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.size = pl_module.training_set_size(16)
+
+    record = Record()
+    data = DataLoader(TensorDataset(images(40)), batch_size=16)
+    trainer(max_epochs=1, limit_train_batches=1, callbacks=[record]).fit(model, train_dataloaders=data)
+    assert record.size == 40  # the Trainer's training data
+
+
+@pytest.mark.parametrize("objective", ["beta_tc", "mmd"])
+def test_a_batch_of_one_example_trains_on_the_elbo_instead_of_failing(objective):
+    model = vae(objective)
+    terms = model.objective(images(1)).terms
+    assert terms["loss"].isfinite() and "elbo" in terms and not {"tc", "mmd"} & terms.keys()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"objective": "iwae", "free_bits": 0.5}, "free_bits applies to the elbo objective, not to 'iwae'"),
+        ({"objective": "elbo", "training_samples": 5}, "training_samples applies to the iwae and miwae objective"),
+        ({"objective": "iwae"}, "iwae objective with training_samples=1 is the ELBO"),
+        ({"objective": "miwae", "training_samples": 4}, "miwae_groups=1 is the iwae objective"),
+        ({"objective": "miwae", "training_samples": 5, "miwae_groups": 2}, "miwae_groups divides"),
+        ({"objective": "mmd", "mi_weight": 0.5}, "mi_weight applies to the beta_tc objective"),
+        ({"objective": "elbo", "mmd_kernel": "rbf"}, "mmd_kernel applies to the mmd objective"),
+        ({"objective": "beta_tc", "mmd_weight": 1.0}, "mmd_weight applies to the mmd objective"),
+        ({"objective": "wae"}, "unknown objective 'wae'; choose one of: elbo, iwae, miwae, beta_tc, mmd"),
+        ({"objective": "mmd", "mmd_kernel": "laplace"}, "unknown mmd_kernel 'laplace'"),
+        ({"objective": "beta_tc", "dataset_size": 0}, "dataset_size must be a positive integer"),
+    ],
+)
+def test_settings_an_objective_would_ignore_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(**SMALL, **kwargs)
+
+
+@pytest.mark.parametrize("objective", OPTIONS)
+def test_every_objective_trains_from_the_command_line_and_its_checkpoint_loads(objective, tmp_path):
+    flags = ["--model.objective", objective]
+    for name, value in OPTIONS[objective].items():
+        if name != "dataset_size":  # taken from the DataModule
+            flags += [f"--model.{name}", str(value)]
+    cli = main(["fit", "--config", "vae_digits", *flags, "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+                "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false"])  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert metrics["train/loss"].isfinite() and metrics["val/elbo"].isfinite()
+    loaded = VAE.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)
+    assert loaded.objective_name == objective
+
+
+def test_flow_vae_keeps_its_own_objective_and_takes_none_of_the_vaes():
+    model = FlowVAE(**SMALL, num_flows=1)
+    assert not {"objective", "training_samples", "mmd_weight"} & model.hparams.keys()
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'objective'"):
+        FlowVAE(**SMALL, objective="iwae")
