@@ -12,7 +12,7 @@ from dgm_lightning import objectives
 from dgm_lightning.checks import check_positive_int
 from dgm_lightning.nets.flow_layers import planar_flow
 from dgm_lightning.objectives import Objective
-from dgm_lightning.vae import OBJECTIVE_SETTINGS, VAE
+from dgm_lightning.vae import STRATEGY_SETTINGS, VAE
 
 
 class FlowVAE(VAE):
@@ -44,15 +44,15 @@ class FlowVAE(VAE):
             raise ValueError(f"num_flows must be an integer >= 0, got {num_flows!r}")
         self.num_flows = num_flows  # read by encoder_out_dim while the base class builds the encoder
         # settings: those of LatentVariableModel, declared there once (see AE)
-        # its objective is its own ELBO: the VAE's objective settings are fixed here, so neither Python nor the command
-        # line offers them (jsonargparse leaves out of **settings what a call gives by name)
+        # its objective is its own ELBO and its posterior its own: the VAE's settings of both are fixed here, so
+        # neither Python nor the command line offers them (jsonargparse leaves out of **settings what a call names)
         super().__init__(
-            latent_dim, objective="elbo", beta=beta, free_bits=0.0, training_samples=1, miwae_groups=1, mi_weight=1.0,
-            dim_kl_weight=1.0, dataset_size=None, mmd_weight=10.0, mmd_kernel="imq", iwae_samples=iwae_samples,
-            **settings,
+            latent_dim, objective="elbo", posterior="gaussian", beta=beta, free_bits=0.0, training_samples=1,
+            miwae_groups=1, mi_weight=1.0, dim_kl_weight=1.0, dataset_size=None, mmd_weight=10.0, mmd_kernel="imq",
+            iwae_samples=iwae_samples, **settings,
         )  # fmt: skip
-        # the VAE's objective settings are not arguments here: drop them, or load_from_checkpoint would pass them back
-        for name in OBJECTIVE_SETTINGS:
+        # nor are they hyperparameters of a FlowVAE: dropped, or load_from_checkpoint would pass them back
+        for name in STRATEGY_SETTINGS:
             self.hparams.pop(name, None)
 
     @property

@@ -9,26 +9,39 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.distributions import Normal
+from torch.distributions import Distribution, Normal, kl_divergence
+from torch.nn import functional as F
 from typing_extensions import override
 
 from dgm_lightning import objectives
 from dgm_lightning.checks import check_choice, check_non_negative, check_positive_int
 from dgm_lightning.compat import attached_trainer
+from dgm_lightning.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher
 from dgm_lightning.latent_variable import LatentVariableModel
 from dgm_lightning.objectives import Kernel, Objective
 
 VAEObjective = Literal["elbo", "iwae", "miwae", "beta_tc", "mmd"]
-# the VAE's settings of its objectives, which a subclass with an objective of its own (FlowVAE) does not take
-OBJECTIVE_SETTINGS = (
-    "objective", "free_bits", "training_samples", "miwae_groups", "mi_weight", "dim_kl_weight", "dataset_size",
-    "mmd_weight", "mmd_kernel",
+Posterior = Literal["gaussian", "power_spherical", "von_mises_fisher"]
+SPHERICAL_POSTERIORS = {"power_spherical": PowerSpherical, "von_mises_fisher": VonMisesFisher}
+# the VAE's settings of its objective and posterior, which a subclass with its own (FlowVAE) does not take
+STRATEGY_SETTINGS = (
+    "objective", "posterior", "free_bits", "training_samples", "miwae_groups", "mi_weight", "dim_kl_weight",
+    "dataset_size", "mmd_weight", "mmd_kernel",
 )  # fmt: skip
 
 
 class VAE(LatentVariableModel):
-    """Variational autoencoder with a Gaussian posterior and a standard normal prior, trained by one of several
-    objectives (``objective``), each a pure function of ``dgm_lightning.objectives``:
+    """Variational autoencoder whose latent geometry (``posterior``) and objective (``objective``) are options.
+
+    Posteriors: ``gaussian`` (a diagonal Gaussian, with a standard normal prior), or hyperspherical, codes on the
+    unit sphere S^(latent_dim - 1) with the uniform prior on it: ``power_spherical`` (rejection-free sampling) or
+    ``von_mises_fisher``. ``latent_dim`` is the ambient dimension: 2 is the circle (a von Mises latent). The
+    encoder gives the mean direction and, through softplus + 1, the concentration; ``encode`` returns the mean
+    direction (on the sphere, where the decoder is trained), and ``sample`` draws from the uniform prior (its
+    temperature only scales noise whose direction alone counts, so any temperature > 0 samples the prior and 0
+    gives the decoder at e1, a fixed point, as the uniform has no mode).
+
+    Objectives, each a pure function of ``dgm_lightning.objectives``:
 
     - ``elbo``: ``-E_q[log p(x|z)] + beta * KL``, the KL floored per dimension by ``free_bits``;
     - ``iwae``: the importance-weighted bound with ``training_samples`` samples per example (K = 1 is the ELBO);
@@ -50,6 +63,9 @@ class VAE(LatentVariableModel):
     Args:
         latent_dim: size of z.
         objective: ``elbo``, ``iwae``, ``miwae``, ``beta_tc`` or ``mmd`` (see above).
+        posterior: ``gaussian``, ``power_spherical`` or ``von_mises_fisher`` (see above); the hyperspherical ones
+            take neither free bits (their KL has no per-dimension split) nor ``beta_tc`` (they do not factorise
+            over dimensions).
         beta: weight of the KL term (1 gives the ELBO; Higgins et al. 2017); of the total correlation in
             ``beta_tc``.
         free_bits: nats per latent dimension below which the KL is not penalised (0 disables; ``elbo`` only).
@@ -63,12 +79,15 @@ class VAE(LatentVariableModel):
         mmd_kernel: ``imq`` (inverse multiquadric) or ``rbf``, with the bandwidth 2 * latent_dim (WAE's rule for a
             standard normal prior).
         iwae_samples: importance samples for ``test/nll``.
-        settings: see ``LatentVariableModel`` (the encoder outputs 2 * latent_dim: mean and log-variance).
+        settings: see ``LatentVariableModel`` (the encoder outputs 2 * latent_dim, mean and log-variance, for the
+            Gaussian posterior; latent_dim + 1, direction and concentration, for the hyperspherical ones).
 
     References: Kingma & Welling 2013, arXiv:1312.6114; conditional VAE, Sohn et al. 2015 (NeurIPS);
         free bits, Kingma et al. 2016, arXiv:1606.04934; IWAE bound, Burda et al. 2015, arXiv:1509.00519;
         MIWAE, Rainforth et al. 2018, arXiv:1802.04537; beta-TC-VAE, Chen et al. 2018, arXiv:1802.04942;
-        InfoVAE, Zhao et al. 2017, arXiv:1706.02262; WAE, Tolstikhin et al. 2017, arXiv:1711.01558.
+        InfoVAE, Zhao et al. 2017, arXiv:1706.02262; WAE, Tolstikhin et al. 2017, arXiv:1711.01558;
+        hyperspherical VAE, Davidson et al. 2018, arXiv:1804.00891; Power Spherical, De Cao & Aziz 2020,
+        arXiv:2006.04437.
     """
 
     def __init__(
@@ -76,6 +95,7 @@ class VAE(LatentVariableModel):
         latent_dim: int = 16,
         *,
         objective: VAEObjective = "elbo",
+        posterior: Posterior = "gaussian",
         beta: float = 1.0,
         free_bits: float = 0.0,
         training_samples: int = 1,
@@ -88,8 +108,11 @@ class VAE(LatentVariableModel):
         iwae_samples: int = 100,
         **settings: Any,
     ) -> None:
+        check_choice("posterior", posterior, Posterior)
+        self.posterior_name = posterior  # read by encoder_out_dim while the base class builds the encoder
         # settings: those of LatentVariableModel, declared there once (see AE)
         super().__init__(latent_dim, **settings)
+        check_posterior_settings(posterior, latent_dim=latent_dim, objective=objective, free_bits=free_bits)
         check_objective_settings(
             objective, free_bits=free_bits, training_samples=training_samples, miwae_groups=miwae_groups,
             mi_weight=mi_weight, dim_kl_weight=dim_kl_weight, dataset_size=dataset_size, mmd_weight=mmd_weight,
@@ -108,25 +131,53 @@ class VAE(LatentVariableModel):
 
     @property
     def encoder_out_dim(self) -> int:
-        return 2 * self.latent_dim
+        return 2 * self.latent_dim if self.posterior_name == "gaussian" else self.latent_dim + 1
 
     @property
-    def prior(self) -> Normal:
+    def spherical(self) -> bool:
+        """Whether the codes live on the unit sphere (a hyperspherical posterior)."""
+        return self.posterior_name != "gaussian"
+
+    @property
+    def prior(self) -> Distribution:
+        """p(z): N(prior_loc, prior_scale^2) per dimension (batch shape (latent_dim,)), or the uniform distribution
+        on the sphere (event shape (latent_dim,)) for a hyperspherical posterior."""
+        if self.spherical:
+            return HypersphericalUniform(self.latent_dim, dtype=self.prior_loc.dtype, device=self.prior_loc.device)
         return Normal(self.prior_loc, self.prior_scale, validate_args=False)
 
-    def posterior(self, x: Tensor, *, labels: Tensor | None = None) -> Normal:
-        """q(z | x) with batch shape (B, latent_dim)."""
-        loc, log_var = self.encoder_output(x, labels).chunk(2, dim=1)
-        # validate_args=False: non-finite values are the divergence policy's to report, not a crash here
-        return Normal(loc, (0.5 * log_var).exp(), validate_args=False)
+    def posterior(self, x: Tensor, *, labels: Tensor | None = None) -> Distribution:
+        """q(z | x): a Normal with batch shape (B, latent_dim), or a hyperspherical distribution with batch shape
+        (B,) and event shape (latent_dim,)."""
+        out = self.encoder_output(x, labels)
+        if not self.spherical:
+            loc, log_var = out.chunk(2, dim=1)
+            # validate_args=False: non-finite values are the divergence policy's to report, not a crash here
+            return Normal(loc, (0.5 * log_var).exp(), validate_args=False)
+        out = out.float()  # the sphere's normalisers and samplers need float32 under bf16 autocast
+        direction, concentration = out[:, : self.latent_dim], out[:, self.latent_dim]
+        # softplus + 1: a concentration near 0 (the uniform) would let the posterior collapse at initialisation
+        scale = F.softplus(concentration) + 1.0
+        return SPHERICAL_POSTERIORS[self.posterior_name](F.normalize(direction, dim=-1), scale, validate_args=False)
+
+    def latent_log_prob(self, distribution: Distribution, z: Tensor) -> Tensor:
+        """log density of codes z (..., B, latent_dim) under the prior or a posterior, summed over dimensions."""
+        log_prob = distribution.log_prob(z)
+        return log_prob.sum(-1) if isinstance(distribution, Normal) else log_prob
 
     def _encode(self, x: Tensor, labels: Tensor | None) -> Tensor:
-        """Images (B, C, H, W) -> posterior means (B, latent_dim)."""
-        return self.posterior(x, labels=labels).mean
+        """Images (B, C, H, W) -> posterior means (B, latent_dim); on the sphere, the mean direction."""
+        q = self.posterior(x, labels=labels)
+        return q.loc if self.spherical else q.mean
 
     def latent_from_noise(self, noise: Tensor) -> Tensor:
-        """z from the prior N(prior_loc, prior_scale^2): prior_loc + prior_scale * noise."""
-        return self.prior_loc + self.prior_scale * noise
+        """z from the prior: prior_loc + prior_scale * noise for the Gaussian; for the sphere the noise's direction
+        (uniform on the sphere), and e1 for zero noise (temperature 0: the uniform has no mode)."""
+        if not self.spherical:
+            return self.prior_loc + self.prior_scale * noise
+        norm = noise.norm(dim=-1, keepdim=True)
+        e1 = F.one_hot(torch.zeros_like(norm[:, 0], dtype=torch.long), self.latent_dim).to(noise)
+        return torch.where(norm > 0, noise / norm.clamp_min(torch.finfo(noise.dtype).tiny), e1)
 
     def objective(self, batch: Tensor | Sequence[Tensor]) -> Objective:
         """The chosen objective (``objective``) on a batch: ``loss``, ``elbo``, ``reconstruction``, ``kl`` and the
@@ -138,9 +189,9 @@ class VAE(LatentVariableModel):
         else:
             z = q.rsample()
             terms = self.single_sample_terms(z, q, self.decoder_distribution(z, labels).log_prob(x))
-        if not self.training and x.shape[0] > 1:  # a diagnostic, in validation and test
+        if not self.training and x.shape[0] > 1 and not self.spherical:  # a diagnostic, in validation and test
             terms.setdefault("mi", objectives.mutual_information(q))  # beta_tc has its own estimate
-        return Objective(terms, batch_size=x.shape[0], codes=q.mean.detach())
+        return Objective(terms, batch_size=x.shape[0], codes=(q.loc if self.spherical else q.mean).detach())
 
     def single_sample_terms(self, z: Tensor, q: Normal, reconstruction: Tensor) -> dict[str, Tensor]:
         """The terms of the objectives that take one posterior sample z (B, D) per example: elbo, beta_tc, mmd.
@@ -148,7 +199,7 @@ class VAE(LatentVariableModel):
         beta_tc and mmd estimate a distribution of codes from the batch, which a batch of one example does not
         have: such a batch (the last of an epoch, say) trains on the ELBO instead.
         """
-        kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
+        kl = kl_divergence(q, self.prior)  # (B, latent_dim) for the Gaussian, (B,) for the sphere
         if self.objective_name == "elbo" or z.shape[0] < 2:
             return objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
         if self.objective_name == "beta_tc":
@@ -192,8 +243,7 @@ class VAE(LatentVariableModel):
         posterior q (computed here unless given), each (num_samples, B)."""
         q = self.posterior(x, labels=labels) if q is None else q
         z = q.rsample((num_samples,))  # (K, B, D)
-        log_q = q.log_prob(z).sum(-1)
-        log_pz = self.prior.log_prob(z).sum(-1)
+        log_q, log_pz = self.latent_log_prob(q, z), self.latent_log_prob(self.prior, z)
         repeated_labels = None if labels is None else labels.repeat(num_samples)
         px = self.decoder_distribution(z.flatten(0, 1), repeated_labels)  # batch (K * B,)
         log_px = px.log_prob(x.repeat(num_samples, *([1] * (x.dim() - 1)))).view(num_samples, -1)
@@ -268,4 +318,26 @@ def check_objective_settings(
         raise ValueError(
             f"miwae splits its training_samples ({training_samples}) into miwae_groups ({miwae_groups}) of equal "
             "size: give a training_samples that miwae_groups divides"
+        )
+
+
+def check_posterior_settings(posterior: str, *, latent_dim: int, objective: str, free_bits: float) -> None:
+    """Refuse a hyperspherical posterior where it is undefined: on a sphere of dimension 0, with free bits (its KL
+    to the uniform has no per-dimension split) or with beta_tc (it does not factorise over dimensions)."""
+    if posterior == "gaussian":
+        return
+    if latent_dim < 2:
+        raise ValueError(
+            f"a {posterior} posterior lives on the unit sphere in latent_dim dimensions, at least 2 (the circle); "
+            f"got latent_dim={latent_dim}"
+        )
+    if free_bits:
+        raise ValueError(
+            f"free_bits needs a KL per latent dimension, which the {posterior} posterior's KL to the uniform prior on "
+            "the sphere does not have: leave free_bits at 0, or use the gaussian posterior"
+        )
+    if objective == "beta_tc":
+        raise ValueError(
+            f"the beta_tc objective splits the KL over latent dimensions, which needs a posterior that factorises "
+            f"over them: the {posterior} posterior does not; use the gaussian posterior, or another objective"
         )

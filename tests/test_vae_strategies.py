@@ -136,3 +136,87 @@ def test_flow_vae_keeps_its_own_objective_and_takes_none_of_the_vaes():
     assert not {"objective", "training_samples", "mmd_weight"} & model.hparams.keys()
     with pytest.raises(TypeError, match="multiple values for keyword argument 'objective'"):
         FlowVAE(**SMALL, objective="iwae")
+
+
+# -- latent geometry: hyperspherical posteriors ----------------------------------------------------------------------
+
+SPHERICAL = ["power_spherical", "von_mises_fisher"]
+
+
+@pytest.mark.parametrize("posterior", SPHERICAL)
+def test_a_hyperspherical_posterior_codes_on_the_sphere_and_trains(posterior, digits_batch):
+    torch.manual_seed(0)
+    model = VAE(posterior=posterior, **SMALL)
+    x = digits_batch
+    codes = model.encode(x)
+    torch.testing.assert_close(codes.norm(dim=-1), torch.ones(32), rtol=0, atol=1e-5)
+    q = model.posterior(x)
+    terms = model.objective(x).terms
+    assert set(terms) == {"loss", "elbo", "reconstruction", "kl"}
+    optimizer = model.configure_optimizers()["optimizer"]
+    torch.manual_seed(1)
+    first = torch.stack([model.objective(x).loss.detach() for _ in range(5)]).mean()
+    for _ in range(100):
+        optimizer.zero_grad()
+        model.objective(x).loss.backward()
+        optimizer.step()
+    last = torch.stack([model.objective(x).loss.detach() for _ in range(5)]).mean()
+    assert last < first - 8.0, (first, last)
+    # the KL term is the closed form to the uniform on the sphere
+    kl = torch.distributions.kl_divergence(q, model.prior)
+    assert kl.shape == (32,) and (kl >= 0).all()
+
+
+@pytest.mark.parametrize("posterior", SPHERICAL)
+def test_a_hyperspherical_vae_samples_from_the_uniform_prior_and_its_log_prob_is_a_bound(posterior):
+    torch.manual_seed(0)
+    model = VAE(posterior=posterior, **SMALL).eval()
+    samples = model.sample(6)
+    assert samples.shape == (6, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 1
+    assert torch.equal(model.sample(2, temperature=0.0), model.sample(2, temperature=0.0))
+    noise = torch.randn(500, 3)
+    z = model.latent_from_noise(noise)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(500))
+    assert z.mean(0).abs().max() < 0.1  # uniform on the sphere: mean 0
+    x = images(4)
+    log_p = model.log_prob(x, num_samples=8)
+    assert log_p.shape == (4,) and log_p.isfinite().all()
+    log_p.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("posterior", SPHERICAL)
+def test_the_circle_is_latent_dim_2_and_trains_under_bf16_with_other_objectives(posterior):
+    data = DataLoader(TensorDataset(images(32)), batch_size=16)
+    for objective, extra in [("elbo", {}), ("iwae", {"training_samples": 3}), ("mmd", {"beta": 0.0})]:
+        torch.manual_seed(0)
+        model = VAE(posterior=posterior, objective=objective, latent_dim=2, data_shape=(1, 8, 8), hidden_dims=[16],
+                    **extra)  # fmt: skip
+        trainer(max_epochs=1, limit_train_batches=2, precision="bf16-mixed").fit(model, train_dataloaders=data)
+        assert model.encode(images(3)).norm(dim=-1).sub(1).abs().max() < 1e-5
+        assert all(p.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"latent_dim": 1}, "unit sphere in latent_dim dimensions, at least 2"),
+        ({"free_bits": 0.5}, "free_bits needs a KL per latent dimension"),
+        ({"objective": "beta_tc"}, "beta_tc objective splits the KL over latent dimensions"),
+    ],
+)
+def test_undefined_combinations_with_a_hyperspherical_posterior_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(**{**SMALL, "posterior": "power_spherical", **kwargs})
+    with pytest.raises(ValueError, match="unknown posterior 'spherical'"):
+        VAE(**SMALL, posterior="spherical")
+
+
+def test_a_hyperspherical_vae_trains_from_the_command_line_and_resumes_its_checkpoint():
+    flags = ["--model.posterior", "von_mises_fisher", "--trainer.limit_train_batches", "2",
+             "--trainer.limit_val_batches", "1", "--trainer.logger", "false"]  # fmt: skip
+    cli = main(["fit", "--config", "vae_digits", *flags, "--trainer.max_epochs", "1"])
+    last = cli.trainer.checkpoint_callback.last_model_path
+    resumed = main(["fit", "--config", "vae_digits", *flags, "--trainer.max_epochs", "2", "--ckpt_path", last])
+    assert resumed.trainer.current_epoch == 2 and resumed.model.posterior_name == "von_mises_fisher"
+    assert VAE.load_from_checkpoint(last, weights_only=True).posterior_name == "von_mises_fisher"
