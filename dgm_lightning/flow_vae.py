@@ -47,7 +47,8 @@ class FlowVAE(VAE):
         # its objective is its own ELBO and its posterior its own: the VAE's settings of both are fixed here, so
         # neither Python nor the command line offers them (jsonargparse leaves out of **settings what a call names)
         super().__init__(
-            latent_dim, objective="elbo", posterior="gaussian", beta=beta, free_bits=0.0, training_samples=1,
+            latent_dim, objective="elbo", posterior="gaussian", prior="standard_normal", mixture_components=10,
+            pseudo_inputs=500, beta=beta, free_bits=0.0, training_samples=1,
             miwae_groups=1, mi_weight=1.0, dim_kl_weight=1.0, dataset_size=None, mmd_weight=10.0, mmd_kernel="imq",
             iwae_samples=iwae_samples, **settings,
         )  # fmt: skip

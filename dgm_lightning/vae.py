@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,27 +19,41 @@ from dgm_lightning.compat import attached_trainer
 from dgm_lightning.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher
 from dgm_lightning.latent_variable import LatentVariableModel
 from dgm_lightning.objectives import Kernel, Objective
+from dgm_lightning.priors import LatentPrior, build_prior
+from dgm_lightning.vae_checks import (
+    Posterior,
+    VAEObjective,
+    VAEPrior,
+    check_objective_settings,
+    check_posterior_settings,
+    check_prior_settings,
+)
 
-VAEObjective = Literal["elbo", "iwae", "miwae", "beta_tc", "mmd"]
-Posterior = Literal["gaussian", "power_spherical", "von_mises_fisher"]
 SPHERICAL_POSTERIORS = {"power_spherical": PowerSpherical, "von_mises_fisher": VonMisesFisher}
 # the VAE's settings of its objective and posterior, which a subclass with its own (FlowVAE) does not take
 STRATEGY_SETTINGS = (
-    "objective", "posterior", "free_bits", "training_samples", "miwae_groups", "mi_weight", "dim_kl_weight",
-    "dataset_size", "mmd_weight", "mmd_kernel",
+    "objective", "posterior", "prior", "mixture_components", "pseudo_inputs", "free_bits", "training_samples",
+    "miwae_groups", "mi_weight", "dim_kl_weight", "dataset_size", "mmd_weight", "mmd_kernel",
 )  # fmt: skip
 
 
 class VAE(LatentVariableModel):
     """Variational autoencoder whose latent geometry (``posterior``) and objective (``objective``) are options.
 
-    Posteriors: ``gaussian`` (a diagonal Gaussian, with a standard normal prior), or hyperspherical, codes on the
-    unit sphere S^(latent_dim - 1) with the uniform prior on it: ``power_spherical`` (rejection-free sampling) or
+    Posteriors: ``gaussian`` (a diagonal Gaussian), or hyperspherical, codes on the unit sphere S^(latent_dim - 1)
+    with the uniform prior on it: ``power_spherical`` (rejection-free sampling) or
     ``von_mises_fisher``. ``latent_dim`` is the ambient dimension: 2 is the circle (a von Mises latent). The
     encoder gives the mean direction and, through softplus + 1, the concentration; ``encode`` returns the mean
     direction (on the sphere, where the decoder is trained), and ``sample`` draws from the uniform prior (its
     temperature only scales noise whose direction alone counts, so any temperature > 0 samples the prior and 0
     gives the decoder at e1, a fixed point, as the uniform has no mode).
+
+    Priors of the Gaussian posterior (``prior``): ``standard_normal`` (the closed-form KL), a learned ``mixture`` of
+    ``mixture_components`` diagonal Gaussians, or the ``vamp`` prior, the mixture of the posteriors of
+    ``pseudo_inputs`` learned pseudo-inputs (``dgm_lightning.priors``). With a learned prior the KL is the Monte
+    Carlo estimate log q(z|x) - log p(z) at the posterior's sample, ``log_prob`` uses the same prior, and
+    ``sample`` (and ``from_noise``) pick a component by the normal CDF of the noise's first coordinate and draw
+    from it with the rest (``noise_shape`` is (latent_dim + 1,)).
 
     Objectives, each a pure function of ``dgm_lightning.objectives``:
 
@@ -66,6 +80,11 @@ class VAE(LatentVariableModel):
         posterior: ``gaussian``, ``power_spherical`` or ``von_mises_fisher`` (see above); the hyperspherical ones
             take neither free bits (their KL has no per-dimension split) nor ``beta_tc`` (they do not factorise
             over dimensions).
+        prior: ``standard_normal``, ``mixture`` or ``vamp`` for the Gaussian posterior, ``uniform`` (on the sphere)
+            for the hyperspherical ones; None: the posterior's own (standard normal, uniform). Free bits need the
+            standard normal; the vamp prior is not class-conditional.
+        mixture_components: components of the ``mixture`` prior.
+        pseudo_inputs: pseudo-inputs of the ``vamp`` prior (500 in the paper).
         beta: weight of the KL term (1 gives the ELBO; Higgins et al. 2017); of the total correlation in
             ``beta_tc``.
         free_bits: nats per latent dimension below which the KL is not penalised (0 disables; ``elbo`` only).
@@ -85,9 +104,9 @@ class VAE(LatentVariableModel):
     References: Kingma & Welling 2013, arXiv:1312.6114; conditional VAE, Sohn et al. 2015 (NeurIPS);
         free bits, Kingma et al. 2016, arXiv:1606.04934; IWAE bound, Burda et al. 2015, arXiv:1509.00519;
         MIWAE, Rainforth et al. 2018, arXiv:1802.04537; beta-TC-VAE, Chen et al. 2018, arXiv:1802.04942;
-        InfoVAE, Zhao et al. 2017, arXiv:1706.02262; WAE, Tolstikhin et al. 2017, arXiv:1711.01558;
-        hyperspherical VAE, Davidson et al. 2018, arXiv:1804.00891; Power Spherical, De Cao & Aziz 2020,
-        arXiv:2006.04437.
+        VampPrior, Tomczak & Welling 2017, arXiv:1705.07120; InfoVAE, Zhao et al. 2017, arXiv:1706.02262;
+        WAE, Tolstikhin et al. 2017, arXiv:1711.01558; hyperspherical VAE, Davidson et al. 2018,
+        arXiv:1804.00891; Power Spherical, De Cao & Aziz 2020, arXiv:2006.04437.
     """
 
     def __init__(
@@ -96,6 +115,9 @@ class VAE(LatentVariableModel):
         *,
         objective: VAEObjective = "elbo",
         posterior: Posterior = "gaussian",
+        prior: VAEPrior | None = None,
+        mixture_components: int = 10,
+        pseudo_inputs: int = 500,
         beta: float = 1.0,
         free_bits: float = 0.0,
         training_samples: int = 1,
@@ -112,6 +134,10 @@ class VAE(LatentVariableModel):
         self.posterior_name = posterior  # read by encoder_out_dim while the base class builds the encoder
         # settings: those of LatentVariableModel, declared there once (see AE)
         super().__init__(latent_dim, **settings)
+        prior = check_prior_settings(
+            prior, posterior=posterior, num_classes=self.num_classes, free_bits=free_bits,
+            mixture_components=mixture_components, pseudo_inputs=pseudo_inputs,
+        )  # fmt: skip
         check_posterior_settings(posterior, latent_dim=latent_dim, objective=objective, free_bits=free_bits)
         check_objective_settings(
             objective, free_bits=free_bits, training_samples=training_samples, miwae_groups=miwae_groups,
@@ -128,6 +154,13 @@ class VAE(LatentVariableModel):
         self.iwae_samples = iwae_samples
         self.register_buffer("prior_loc", torch.zeros(latent_dim))
         self.register_buffer("prior_scale", torch.ones(latent_dim))
+        # a learned prior's parameters (the mixture's, the vamp prior's pseudo-inputs); None: the closed-form prior
+        self.learned_prior: LatentPrior | None = None
+        if prior in ("mixture", "vamp"):
+            self.learned_prior = build_prior(
+                prior, latent_dim, num_components=mixture_components, num_pseudo_inputs=pseudo_inputs,
+                data_shape=self.data_shape, value_range=self.value_range, encode=self.pseudo_input_posteriors,
+            )  # fmt: skip
 
     @property
     def encoder_out_dim(self) -> int:
@@ -140,8 +173,10 @@ class VAE(LatentVariableModel):
 
     @property
     def prior(self) -> Distribution:
-        """p(z): N(prior_loc, prior_scale^2) per dimension (batch shape (latent_dim,)), or the uniform distribution
-        on the sphere (event shape (latent_dim,)) for a hyperspherical posterior."""
+        """p(z): N(prior_loc, prior_scale^2) per dimension (batch shape (latent_dim,)); a learned prior's mixture or
+        the uniform distribution on the sphere (event shape (latent_dim,))."""
+        if self.learned_prior is not None:
+            return self.learned_prior.distribution()
         if self.spherical:
             return HypersphericalUniform(self.latent_dim, dtype=self.prior_loc.dtype, device=self.prior_loc.device)
         return Normal(self.prior_loc, self.prior_scale, validate_args=False)
@@ -160,6 +195,19 @@ class VAE(LatentVariableModel):
         scale = F.softplus(concentration) + 1.0
         return SPHERICAL_POSTERIORS[self.posterior_name](F.normalize(direction, dim=-1), scale, validate_args=False)
 
+    def pseudo_input_posteriors(self, pseudo_inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """The vamp prior's components: the Gaussian posteriors' (loc, scale), each (K, latent_dim), of the
+        pseudo-inputs (K, *data_shape), through this model's encoder (so a compiled encoder is the one used)."""
+        q = self.posterior(pseudo_inputs)
+        return q.loc, q.scale
+
+    def kl(self, q: Distribution, z: Tensor) -> Tensor:
+        """KL(q(z|x) || p(z)): in closed form per dimension (B, latent_dim) for the standard normal, per example (B,)
+        for the sphere; for a learned prior the Monte Carlo estimate log q(z|x) - log p(z) at the sample z (B,)."""
+        if self.learned_prior is None:
+            return kl_divergence(q, self.prior)
+        return self.latent_log_prob(q, z) - self.latent_log_prob(self.prior, z)
+
     def latent_log_prob(self, distribution: Distribution, z: Tensor) -> Tensor:
         """log density of codes z (..., B, latent_dim) under the prior or a posterior, summed over dimensions."""
         log_prob = distribution.log_prob(z)
@@ -170,9 +218,25 @@ class VAE(LatentVariableModel):
         q = self.posterior(x, labels=labels)
         return q.loc if self.spherical else q.mean
 
+    @property
+    @override
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the standard normal noise of one sample: (latent_dim,), and one more coordinate that picks a
+        learned prior's component."""
+        return (self.latent_dim + (self.learned_prior is not None),)
+
     def latent_from_noise(self, noise: Tensor) -> Tensor:
-        """z from the prior: prior_loc + prior_scale * noise for the Gaussian; for the sphere the noise's direction
-        (uniform on the sphere), and e1 for zero noise (temperature 0: the uniform has no mode)."""
+        """z from the prior: prior_loc + prior_scale * noise for the Gaussian; for a learned prior (a mixture of
+        diagonal Gaussians) the component whose share of the cumulative weights holds the normal CDF of the first
+        coordinate, reparameterised by the rest; for the sphere the noise's direction (uniform on the sphere), and
+        e1 for zero noise (temperature 0: the uniform has no mode)."""
+        if self.learned_prior is not None:
+            mixture = self.prior
+            components = mixture.component_distribution.base_dist  # Normal, batch (K, latent_dim)
+            cumulative = mixture.mixture_distribution.probs.cumsum(0)
+            index = torch.searchsorted(cumulative, torch.special.ndtr(noise[:, 0]).contiguous())
+            index = index.clamp(max=cumulative.shape[0] - 1)  # rounding can leave the last cumulative weight < 1
+            return components.loc[index] + components.scale[index] * noise[:, 1:]
         if not self.spherical:
             return self.prior_loc + self.prior_scale * noise
         norm = noise.norm(dim=-1, keepdim=True)
@@ -199,18 +263,23 @@ class VAE(LatentVariableModel):
         beta_tc and mmd estimate a distribution of codes from the batch, which a batch of one example does not
         have: such a batch (the last of an epoch, say) trains on the ELBO instead.
         """
-        kl = kl_divergence(q, self.prior)  # (B, latent_dim) for the Gaussian, (B,) for the sphere
+        kl = self.kl(q, z)
         if self.objective_name == "elbo" or z.shape[0] < 2:
             return objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
         if self.objective_name == "beta_tc":
             return objectives.beta_tc_terms(
                 z, q, reconstruction, dataset_size=self.training_set_size(z.shape[0]), alpha=self.mi_weight,
-                beta=self.beta, gamma=self.dim_kl_weight, log_pz=self.prior.log_prob(z),
+                beta=self.beta, gamma=self.dim_kl_weight, log_pz=self.beta_tc_log_prior(z),
             )  # fmt: skip
         return objectives.mmd_terms(
             z, reconstruction, prior_samples=self.prior.sample((z.shape[0],)), weight=self.mmd_weight, kl=kl,
             kl_weight=self.beta, kernel=self.mmd_kernel,
         )  # fmt: skip
+
+    def beta_tc_log_prior(self, z: Tensor) -> Tensor:
+        """log p(z) as beta_tc takes it: per dimension (B, latent_dim) for the standard normal, per example (B,)."""
+        prior = self.prior
+        return prior.log_prob(z) if isinstance(prior, Normal) else self.latent_log_prob(prior, z)
 
     def importance_terms(self, x: Tensor, labels: Tensor | None, q: Normal) -> dict[str, Tensor]:
         """The terms of the iwae and miwae objectives, from ``training_samples`` posterior samples per example."""
@@ -271,73 +340,3 @@ class VAE(LatentVariableModel):
     def on_validation_codes(self, codes: Tensor) -> None:
         # codes are already gathered from all ranks, so every rank logs the same value
         self.log("val/active_units", objectives.active_units(codes).float(), sync_dist=True)
-
-
-def check_objective_settings(
-    objective: str,
-    *,
-    free_bits: float,
-    training_samples: int,
-    miwae_groups: int,
-    mi_weight: float,
-    dim_kl_weight: float,
-    dataset_size: int | None,
-    mmd_weight: float,
-    mmd_kernel: str,
-) -> None:
-    """Refuse settings out of range, and settings that the chosen objective would ignore (changed from their
-    defaults), naming the objectives that use them."""
-    check_choice("objective", objective, VAEObjective)
-    check_choice("mmd_kernel", mmd_kernel, Kernel)
-    check_non_negative(free_bits=free_bits, mi_weight=mi_weight, dim_kl_weight=dim_kl_weight, mmd_weight=mmd_weight)
-    check_positive_int(training_samples=training_samples, miwae_groups=miwae_groups, dataset_size=dataset_size)
-    used_by = {
-        "free_bits": (free_bits != 0.0, ("elbo",)),
-        "training_samples": (training_samples != 1, ("iwae", "miwae")),
-        "miwae_groups": (miwae_groups != 1, ("miwae",)),
-        "mi_weight": (mi_weight != 1.0, ("beta_tc",)),
-        "dim_kl_weight": (dim_kl_weight != 1.0, ("beta_tc",)),
-        "dataset_size": (dataset_size is not None, ("beta_tc",)),
-        "mmd_weight": (mmd_weight != 10.0, ("mmd",)),
-        "mmd_kernel": (mmd_kernel != "imq", ("mmd",)),
-    }
-    for name, (changed, objectives_using) in used_by.items():
-        if changed and objective not in objectives_using:
-            raise ValueError(
-                f"{name} applies to the {' and '.join(objectives_using)} objective, not to {objective!r}: leave it "
-                f"out, or choose objective={objectives_using[0]!r}"
-            )
-    if objective in ("iwae", "miwae") and training_samples == 1:
-        raise ValueError(
-            f"the {objective} objective with training_samples=1 is the ELBO: give it more importance samples per "
-            "example, such as training_samples=5 (--model.training_samples 5)"
-        )
-    if objective == "miwae" and miwae_groups == 1:
-        raise ValueError("miwae with miwae_groups=1 is the iwae objective: give miwae_groups > 1, or use iwae")
-    if objective == "miwae" and training_samples % miwae_groups:
-        raise ValueError(
-            f"miwae splits its training_samples ({training_samples}) into miwae_groups ({miwae_groups}) of equal "
-            "size: give a training_samples that miwae_groups divides"
-        )
-
-
-def check_posterior_settings(posterior: str, *, latent_dim: int, objective: str, free_bits: float) -> None:
-    """Refuse a hyperspherical posterior where it is undefined: on a sphere of dimension 0, with free bits (its KL
-    to the uniform has no per-dimension split) or with beta_tc (it does not factorise over dimensions)."""
-    if posterior == "gaussian":
-        return
-    if latent_dim < 2:
-        raise ValueError(
-            f"a {posterior} posterior lives on the unit sphere in latent_dim dimensions, at least 2 (the circle); "
-            f"got latent_dim={latent_dim}"
-        )
-    if free_bits:
-        raise ValueError(
-            f"free_bits needs a KL per latent dimension, which the {posterior} posterior's KL to the uniform prior on "
-            "the sphere does not have: leave free_bits at 0, or use the gaussian posterior"
-        )
-    if objective == "beta_tc":
-        raise ValueError(
-            f"the beta_tc objective splits the KL over latent dimensions, which needs a posterior that factorises "
-            f"over them: the {posterior} posterior does not; use the gaussian posterior, or another objective"
-        )

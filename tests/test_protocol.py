@@ -59,8 +59,16 @@ FAMILIES = [
         partial(VAE, latent_dim=2, data_shape=SHAPE, hidden_dims=[16], num_classes=3),
         partial(image_batches, classes=3),
     ),
-    Family("VAE-spherical", partial(VAE, latent_dim=3, data_shape=SHAPE, hidden_dims=[16], posterior="power_spherical"),
-           image_batches),  # fmt: skip
+    Family(
+        "VAE-spherical",
+        partial(VAE, latent_dim=3, data_shape=SHAPE, hidden_dims=[16], posterior="power_spherical"),
+        image_batches,
+    ),  # fmt: skip
+    Family(
+        "VAE-vamp",
+        partial(VAE, latent_dim=2, data_shape=SHAPE, hidden_dims=[16], prior="vamp", pseudo_inputs=10),
+        image_batches,
+    ),  # fmt: skip
     Family("FlowVAE", partial(FlowVAE, latent_dim=2, num_flows=2, data_shape=SHAPE, hidden_dims=[16]), image_batches),
     Family(
         "Flow",

@@ -1,5 +1,5 @@
-"""The VAE's objectives and posteriors (issue 13) under DDP with 2 CPU processes: both ranks end with the same finite
-weights. One subprocess runs every option in turn (DDP's launcher re-executes the script it runs)."""
+"""The VAE's objectives, priors and posteriors (issue 13) under DDP with 2 CPU processes: both ranks end with the
+same finite weights. One subprocess runs every option in turn (DDP's launcher re-executes the script it runs)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ OPTIONS = {
     "miwae": ["--model.objective", "miwae", "--model.training_samples", "4", "--model.miwae_groups", "2"],
     "beta_tc": ["--model.objective", "beta_tc", "--model.beta", "4"],
     "mmd": ["--model.objective", "mmd", "--model.beta", "0"],
+    "mixture": ["--model.prior", "mixture"],
+    "vamp": ["--model.prior", "vamp", "--model.pseudo_inputs", "50", "--model.objective", "iwae",
+             "--model.training_samples", "2"],
     "power_spherical": ["--model.posterior", "power_spherical"],
     "von_mises_fisher": ["--model.posterior", "von_mises_fisher", "--model.objective", "iwae",
                          "--model.training_samples", "2"],

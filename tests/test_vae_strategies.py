@@ -220,3 +220,94 @@ def test_a_hyperspherical_vae_trains_from_the_command_line_and_resumes_its_check
     resumed = main(["fit", "--config", "vae_digits", *flags, "--trainer.max_epochs", "2", "--ckpt_path", last])
     assert resumed.trainer.current_epoch == 2 and resumed.model.posterior_name == "von_mises_fisher"
     assert VAE.load_from_checkpoint(last, weights_only=True).posterior_name == "von_mises_fisher"
+
+
+# -- priors: a learned mixture and the VampPrior ---------------------------------------------------------------------
+
+LEARNED = {"mixture": {"mixture_components": 4}, "vamp": {"pseudo_inputs": 20}}
+
+
+def learned(prior: str, **kwargs) -> VAE:
+    torch.manual_seed(0)
+    return VAE(prior=prior, **SMALL, **{**LEARNED[prior], **kwargs})
+
+
+@pytest.mark.parametrize("prior", LEARNED)
+def test_a_learned_prior_trains_with_a_monte_carlo_kl_and_gets_gradients(prior, digits_batch):
+    model = learned(prior)
+    x = digits_batch
+    torch.manual_seed(3)
+    objective = model.objective(x)
+    torch.manual_seed(3)  # the same posterior sample: the KL is log q(z|x) - log p(z) there
+    q = model.posterior(x)
+    z = q.rsample()
+    expected = (q.log_prob(z).sum(-1) - model.prior.log_prob(z)).mean()
+    torch.testing.assert_close(objective.terms["kl"], expected)
+    objective.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.learned_prior.parameters())
+    optimizer = model.configure_optimizers()["optimizer"]
+    torch.manual_seed(1)
+    first = torch.stack([model.objective(x).loss.detach() for _ in range(5)]).mean()
+    for _ in range(100):
+        optimizer.zero_grad()
+        model.objective(x).loss.backward()
+        optimizer.step()
+    last = torch.stack([model.objective(x).loss.detach() for _ in range(5)]).mean()
+    assert last < first - 8.0, (first, last)
+
+
+@pytest.mark.parametrize("prior", LEARNED)
+def test_a_learned_priors_samples_come_from_it_and_log_prob_uses_it(prior):
+    model = learned(prior).eval()
+    assert model.noise_shape == (4,)  # latent_dim + the coordinate that picks a component
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z = model.latent_from_noise(torch.randn(200_000, 4))
+        reference = model.prior.sample((200_000,))
+    torch.testing.assert_close(z.mean(0), reference.mean(0), atol=0.02, rtol=0)
+    torch.testing.assert_close(z.std(0), reference.std(0), atol=0.02, rtol=0)
+    samples = model.sample(5)
+    assert samples.shape == (5, 1, 8, 8) and torch.equal(
+        model.sample(2, temperature=0.0), model.sample(2, temperature=0.0)
+    )
+    x = images(4)
+    log_p = model.log_prob(x, num_samples=16)
+    with torch.no_grad():
+        log_px, log_pz, log_q = model.log_weights(x, None, 16)
+    assert log_p.shape == (4,) and log_p.isfinite().all()
+    assert log_pz.shape == (16, 4)  # the learned prior's density, summed over dimensions by the distribution
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"posterior": "power_spherical", "prior": "standard_normal"},
+            "does not go with the power_spherical posterior",
+        ),
+        ({"prior": "uniform"}, "the uniform prior does not go with the gaussian posterior"),
+        ({"prior": "vamp", "num_classes": 10}, "vamp"),
+        ({"prior": "mixture", "free_bits": 0.5}, "free_bits needs the KL per latent dimension"),
+        ({"prior": "vamp", "mixture_components": 3}, "mixture_components applies to the mixture prior"),
+        ({"pseudo_inputs": 30}, "pseudo_inputs applies to the vamp prior"),
+        ({"prior": "flow"}, "unknown prior 'flow'"),
+    ],
+)
+def test_a_prior_that_does_not_go_with_the_rest_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(**{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize("prior", LEARNED)
+def test_a_learned_prior_trains_from_the_command_line_resumes_and_loads(prior):
+    option, value = next(iter(LEARNED[prior].items()))
+    flags = ["--model.prior", prior, f"--model.{option}", str(value), "--trainer.limit_train_batches", "2",
+             "--trainer.limit_val_batches", "1", "--trainer.logger", "false"]  # fmt: skip
+    cli = main(["fit", "--config", "vae_digits", *flags, "--trainer.max_epochs", "1"])
+    last = cli.trainer.checkpoint_callback.last_model_path
+    resumed = main(["fit", "--config", "vae_digits", *flags, "--trainer.max_epochs", "2", "--ckpt_path", last])
+    assert resumed.trainer.current_epoch == 2
+    loaded = VAE.load_from_checkpoint(last, weights_only=True)
+    state = torch.load(last, weights_only=True)["state_dict"]
+    prior_keys = {key for key in state if key.startswith("learned_prior.")}
+    assert prior_keys and all(torch.equal(loaded.state_dict()[key], state[key]) for key in prior_keys)
