@@ -15,11 +15,14 @@ from typing_extensions import override
 from dgm_lightning import objectives
 from dgm_lightning.base import GenerativeModel
 from dgm_lightning.checks import check_choice, check_positive, check_positive_int
+from dgm_lightning.compat import attached_trainer
 from dgm_lightning.nets import build_decoder, build_encoder
 from dgm_lightning.objectives import Likelihood, Objective
 from dgm_lightning.optimizers import check_injected
+from dgm_lightning.priors import FittedMixture
 
 Architecture = Literal["mlp", "conv"]
+LatentSampler = Literal["prior", "fitted_mixture"]
 
 
 class LatentVariableModel(GenerativeModel):
@@ -39,6 +42,11 @@ class LatentVariableModel(GenerativeModel):
             or ``gaussian_learned`` (one learned scale, initialised at ``gaussian_scale``).
         gaussian_scale: standard deviation of the Gaussian likelihoods.
         num_classes: condition encoder and decoder on labels (one-hot) when set.
+        latent_sampler: where ``sample`` and ``from_noise`` draw codes from: ``prior`` (the VAE's prior, the AE's
+            Gaussian fitted to the codes) or ``fitted_mixture``, the Gaussian mixture (``code_mixture``, saved in
+            checkpoints) that the callback ``callbacks.FitLatentMixture`` fits to the training codes when training
+            ends; its noise has one more coordinate, which picks the component. Until it is fitted, ``sample``
+            draws from the prior during a fit (so that image and metric callbacks work) and raises outside one.
         optimizer: builds the optimizer from the parameters (None: Adam with lr 1e-3); on the command line
             ``--model.optimizer AdamW --model.optimizer.lr 3e-4``.
         lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
@@ -61,6 +69,7 @@ class LatentVariableModel(GenerativeModel):
         likelihood: Likelihood = "bernoulli",
         gaussian_scale: float = 0.1,
         num_classes: int | None = None,
+        latent_sampler: LatentSampler = "prior",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
@@ -75,6 +84,7 @@ class LatentVariableModel(GenerativeModel):
         check_positive(gaussian_scale=gaussian_scale)
         check_choice("likelihood", likelihood, Likelihood)
         check_choice("architecture", architecture, Architecture)
+        check_choice("latent_sampler", latent_sampler, LatentSampler)
         check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
         if likelihood in ("bernoulli", "continuous_bernoulli") and self.value_range != (0.0, 1.0):
             raise ValueError(
@@ -83,6 +93,7 @@ class LatentVariableModel(GenerativeModel):
             )
         self.latent_dim = latent_dim
         self.likelihood = likelihood
+        self.latent_sampler = latent_sampler
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         cond = num_classes or 0
         c, h, w = self.data_shape
@@ -94,6 +105,8 @@ class LatentVariableModel(GenerativeModel):
         self.init_log_scale(likelihood, gaussian_scale)
         # codes (posterior means) of the validation set, gathered across ranks at epoch end
         self.val_codes = CatMetric()
+        # always present (unfitted until FitLatentMixture fits it), so that every checkpoint loads into every model
+        self.code_mixture = FittedMixture(latent_dim)
 
     @property
     def encoder_out_dim(self) -> int:
@@ -132,18 +145,47 @@ class LatentVariableModel(GenerativeModel):
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
-        """Shape of the standard normal noise of one sample (``from_noise``): (latent_dim,)."""
+        """Shape of the standard normal noise of one sample (``from_noise``): the prior's (``prior_noise_shape``),
+        or (latent_dim + 1,) with ``latent_sampler`` fitted_mixture, the first coordinate picking the component."""
+        if self.latent_sampler == "fitted_mixture":
+            return (self.latent_dim + 1,)
+        return self.prior_noise_shape
+
+    @property
+    def prior_noise_shape(self) -> tuple[int, ...]:
+        """Shape of the noise of one sample that the prior's reparameterisation (``latent_from_noise``) takes."""
         return (self.latent_dim,)
 
     def from_noise(self, noise: Tensor, *, labels: Tensor | None = None) -> Tensor:
-        """Images (B, C, H, W) from standard normal noise (B, latent_dim): the decoder mean at the code that the
-        noise gives (``latent_from_noise``). ``sample`` scales the noise by its temperature; an exported sampler
+        """Images (B, C, H, W) from standard normal noise (B, *noise_shape): the decoder mean at the code that the
+        noise gives (``codes_from_noise``). ``sample`` scales the noise by its temperature; an exported sampler
         (``dgm_lightning.export``) is this map."""
         labels = self.check_noise(noise, labels)
-        return self.decoder_distribution(self.latent_from_noise(noise), labels).mean
+        return self.decoder_distribution(self.codes_from_noise(noise), labels).mean
+
+    def codes_from_noise(self, noise: Tensor) -> Tensor:
+        """Codes (B, latent_dim) from noise (B, *noise_shape) where ``latent_sampler`` says: the prior's
+        reparameterisation (``latent_from_noise``) or the fitted mixture's (``mixture_codes``)."""
+        if self.latent_sampler == "prior":
+            return self.latent_from_noise(noise)
+        if self.code_mixture.fitted:
+            return mixture_codes(self.code_mixture, noise)
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.state.fn != "fit":
+            raise RuntimeError(
+                f"{type(self).__name__} samples from the mixture fitted to its training codes "
+                "(latent_sampler='fitted_mixture'), which is not fitted yet: train it with the callback "
+                "callbacks.FitLatentMixture (--trainer.callbacks+=callbacks.FitLatentMixture), which fits it when "
+                "training ends, or load a checkpoint of such a run; or sample from the prior: "
+                "latent_sampler='prior' (--model.latent_sampler prior)"
+            )
+        # in the fit whose end will fit the mixture (FitLatentMixture): the callbacks that draw samples while it
+        # trains get the prior's, from the noise's last coordinates (the first picks a mixture's component)
+        return self.latent_from_noise(noise[:, noise.shape[1] - self.prior_noise_shape[0] :])
 
     def latent_from_noise(self, noise: Tensor) -> Tensor:
-        """Codes (B, latent_dim) from standard normal noise (B, latent_dim): the prior's reparameterisation."""
+        """Codes (B, latent_dim) from standard normal noise (B, *prior_noise_shape): the prior's
+        reparameterisation."""
         raise NotImplementedError
 
     # -- the objective ---------------------------------------------------------------------------
@@ -179,6 +221,14 @@ class LatentVariableModel(GenerativeModel):
         return super().value_range_advice()
 
     # -- Lightning hooks -----------------------------------------------------------------------
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # a checkpoint written before the fitted mixture existed holds none: an unfitted one, so that it loads
+        state_dict = checkpoint.get("state_dict", {})
+        for name, buffer in self.code_mixture.state_dict(prefix="code_mixture.").items():
+            state_dict.setdefault(name, buffer)
 
     @override
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor | None:
@@ -222,3 +272,14 @@ class LatentVariableModel(GenerativeModel):
             "reconstructions": self.reconstruct(x, labels=labels),
             "samples": self.sample(x.shape[0], labels=labels),
         }
+
+
+def mixture_codes(mixture: FittedMixture, noise: Tensor) -> Tensor:
+    """Codes (B, latent_dim) from standard normal noise (B, latent_dim + 1), reparameterised like a learned prior's:
+    the component whose share of the cumulative weights holds the normal CDF of the first coordinate, at its mean
+    plus its Cholesky factor times the rest (zero noise: the component that holds the median, at its mean)."""
+    cumulative = mixture.weights.cumsum(0)
+    index = torch.searchsorted(cumulative, torch.special.ndtr(noise[:, 0]).to(cumulative).contiguous())
+    index = index.clamp(max=cumulative.shape[0] - 1)  # rounding can leave the last cumulative weight < 1
+    rest = noise[:, 1:].to(mixture.means)[:, :, None]  # (B, latent_dim, 1)
+    return (mixture.means[index] + (mixture.scale_tril[index] @ rest).squeeze(-1)).to(noise.dtype)

@@ -38,6 +38,7 @@ from dgm_lightning.sequence_model import DEFAULT_MAX_LEN, SequenceModel
 from dgm_lightning.vocabulary import PAD, Level, Vocabulary
 
 SequenceLikelihood = Literal["categorical", "bernoulli", "gaussian", "gaussian_learned"]
+RecurrentObjective = Literal["elbo", "iwae"]
 
 
 @dataclass
@@ -90,8 +91,12 @@ class RecurrentVAE(SequenceModel):
         hidden_dims: one width per stacked RNN layer, from the input up, in the encoder and the decoder.
         bidirectional: bidirectional encoder.
         word_dropout: probability of dropping a decoder input while training.
+        objective: ``elbo`` (the beta-ELBO) or ``iwae``, the importance-weighted bound with ``training_samples``
+            samples per sequence as the training objective (Burda et al. 2015; as in ``VAE``, and logged beside
+            the ``elbo``).
+        training_samples: importance samples per sequence of the ``iwae`` objective (> 1).
         beta: weight of the KL term.
-        free_bits: nats per latent dimension below which the KL is not penalised.
+        free_bits: nats per latent dimension below which the KL is not penalised (``elbo`` only).
         iwae_samples: importance samples for ``test/nll``.
         optimizer: builds the optimizer from the parameters (None: Adam with lr 1e-3); on the command line
             ``--model.optimizer AdamW --model.optimizer.lr 3e-4``.
@@ -125,6 +130,8 @@ class RecurrentVAE(SequenceModel):
         word_dropout: float = 0.0,
         beta: float = 1.0,
         free_bits: float = 0.0,
+        objective: RecurrentObjective = "elbo",
+        training_samples: int = 1,
         iwae_samples: int = 50,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -143,6 +150,7 @@ class RecurrentVAE(SequenceModel):
         check_non_negative(beta=beta, free_bits=free_bits)
         check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
         _check_data_kind(likelihood, vocab, input_dim)
+        _check_objective(objective, training_samples=training_samples, free_bits=free_bits)
         super().__init__(likelihood=likelihood, value_range=value_range, sample_max_len=sample_max_len, compile=compile)
         if likelihood == "bernoulli" and self.value_range != (0.0, 1.0):
             raise ValueError(f"the bernoulli likelihood models values in (0, 1) but value_range is {self.value_range}")
@@ -150,6 +158,7 @@ class RecurrentVAE(SequenceModel):
         self.latent_dim = latent_dim
         self.word_dropout, self.beta, self.free_bits = float(word_dropout), float(beta), float(free_bits)
         self.iwae_samples = iwae_samples
+        self.objective_name, self.training_samples = objective, training_samples  # not self.objective: the method
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.encoder, self.decoder = encoder, decoder
         self.init_log_scale(likelihood, gaussian_scale)
@@ -212,14 +221,19 @@ class RecurrentVAE(SequenceModel):
         return lengths + 1 if self.is_tokens else lengths
 
     def objective(self, batch: Tensor | Sequence[Tensor]) -> SequenceObjective:
-        """The negative ELBO (``loss``, with ``beta``, ``free_bits`` and, in training, ``word_dropout``), its terms
-        and in evaluation ``mi``, on a batch ``(x, lengths)``; with the batch's codes and predicted steps."""
+        """The negative ELBO (``loss``, with ``beta``, ``free_bits`` and, in training, ``word_dropout``) or IWAE bound
+        (``objective``), its terms and in evaluation ``mi``, on a batch ``(x, lengths)``; with the batch's codes and
+        predicted steps."""
         x, lengths = self.unpack_batch(batch)
         q = self.posterior(x, lengths)
         dropout = self.word_dropout if self.training else 0.0
-        reconstruction = self.reconstruction_log_prob(x, lengths, q.rsample(), dropout)  # (B,)
-        kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
-        terms = objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
+        if self.objective_name == "iwae":
+            log_weights = self.log_weights(x, lengths, self.training_samples, q=q, word_dropout=dropout)
+            terms = objectives.iwae_terms(*log_weights, beta=self.beta)
+        else:
+            reconstruction = self.reconstruction_log_prob(x, lengths, q.rsample(), dropout)  # (B,)
+            kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
+            terms = objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
         if not self.training and x.shape[0] > 1:  # a diagnostic, in validation and test
             terms["mi"] = objectives.mutual_information(q)
         return SequenceObjective(
@@ -235,12 +249,21 @@ class RecurrentVAE(SequenceModel):
         """
         check_positive_int(num_samples=num_samples)
         x, lengths = self.check_sequences(x, lengths, "log_prob")
-        q = self.posterior(x, lengths)
+        log_px, log_pz, log_q = self.log_weights(x, lengths, num_samples)
+        return objectives.iwae_bound(log_px + log_pz - log_q)
+
+    def log_weights(
+        self, x: Tensor, lengths: Tensor, num_samples: int, *, q: Normal | None = None, word_dropout: float = 0.0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """log p(x | z_k), log p(z_k) and log q(z_k | x) for ``num_samples`` reparameterised draws z_k from the
+        posterior q (computed here unless given), each (num_samples, B); decodes B * num_samples sequences."""
+        q = self.posterior(x, lengths) if q is None else q
         z = q.rsample((num_samples,))  # (K, B, D); reparameterised, so the estimate is differentiable
-        log_w = self.prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
         repeats = (num_samples,) + (1,) * (x.dim() - 1)
-        log_px = self.reconstruction_log_prob(x.repeat(*repeats), lengths.repeat(num_samples), z.flatten(0, 1))
-        return objectives.iwae_bound(log_w + log_px.view(num_samples, -1))
+        log_px = self.reconstruction_log_prob(
+            x.repeat(*repeats), lengths.repeat(num_samples), z.flatten(0, 1), word_dropout
+        )  # fmt: skip
+        return log_px.view(num_samples, -1), self.prior.log_prob(z).sum(-1), q.log_prob(z).sum(-1)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -392,3 +415,18 @@ def _check_data_kind(likelihood: str, vocab: Sequence[str] | None, input_dim: in
         raise ValueError("input_dim is for continuous sequences; the categorical likelihood takes a vocab")
     if likelihood != "categorical" and vocab is not None:
         raise ValueError(f"vocab is for token sequences (likelihood categorical), not for {likelihood!r}")
+
+
+def _check_objective(objective: str, *, training_samples: int, free_bits: float) -> None:
+    """Refuse an objective's settings that it would ignore, or that make it another objective."""
+    check_choice("objective", objective, RecurrentObjective)
+    check_positive_int(training_samples=training_samples)
+    if objective == "iwae" and training_samples == 1:
+        raise ValueError(
+            "the iwae objective with training_samples=1 is the ELBO: give it more importance samples per sequence, "
+            "such as training_samples=5 (--model.training_samples 5)"
+        )
+    if objective == "elbo" and training_samples != 1:
+        raise ValueError("training_samples applies to the iwae objective, not to 'elbo': leave it out")
+    if objective == "iwae" and free_bits:
+        raise ValueError("free_bits applies to the elbo objective, not to 'iwae': leave it out")

@@ -220,9 +220,9 @@ class VAE(LatentVariableModel):
 
     @property
     @override
-    def noise_shape(self) -> tuple[int, ...]:
-        """Shape of the standard normal noise of one sample: (latent_dim,), and one more coordinate that picks a
-        learned prior's component."""
+    def prior_noise_shape(self) -> tuple[int, ...]:
+        """Shape of the standard normal noise of one sample from the prior: (latent_dim,), and one more coordinate
+        that picks a learned prior's component."""
         return (self.latent_dim + (self.learned_prior is not None),)
 
     def latent_from_noise(self, noise: Tensor) -> Tensor:
