@@ -316,7 +316,11 @@ def _wood_sample(kappa: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     bound = 4 * a * b / (1 + b) - m * math.log(m)
     half = torch.full((2,), 0.5 * m, dtype=kappa.dtype, device=kappa.device)
     w, radius = torch.empty_like(kappa), torch.empty_like(kappa)
-    done = torch.zeros_like(kappa, dtype=torch.bool)
+    # a non-finite kappa (a diverged encoder) gives NaN samples at once, for the models' divergence policy to report,
+    # rather than proposals that are never accepted
+    finite = kappa.isfinite()
+    w, radius = torch.where(finite, w, math.nan), torch.where(finite, radius, math.nan)
+    done = ~finite
     for _ in range(_WOOD_ROUNDS):
         # e ~ Beta(m/2, m/2) with 1 - e computed separately, for sqrt(1 - w^2) without cancellation near w = +-1
         e, one_minus_e = Dirichlet(half, validate_args=False).sample(kappa.shape).unbind(-1)

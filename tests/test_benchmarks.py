@@ -81,3 +81,19 @@ def test_quick_mode_prints_and_writes_every_table(tmp_path):
                 assert positive(row["ours_s_per_epoch"])
                 assert "peer_s_per_epoch" not in row or positive(row["peer_s_per_epoch"])
     assert out.with_suffix(".png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_the_strategies_script_writes_one_row_per_option(tmp_path):
+    out = tmp_path / "strategies.json"
+    run_script("strategies.py", "--quick", "--no-geometry", "--json", str(out), cwd=tmp_path, timeout=10 * 60)
+    results = json.loads(out.read_text())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from strategies import STRATEGIES
+
+    assert list(results["strategies"]) == [name for name, _ in STRATEGIES]
+    for row in results["strategies"].values():
+        assert positive(row["test_iwae_nll_nats"]) and row["test_elbo_nats"] < 0 < row["s_per_epoch"]
+        assert row["test_elbo_nats"] <= -row["test_iwae_nll_nats"] + 1.0  # the ELBO is the looser bound
+        assert positive(row["fid"]) and 0 <= row["active_units"] <= 16

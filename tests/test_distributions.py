@@ -320,3 +320,12 @@ def test_validate_args_refuses_a_loc_off_the_sphere_and_a_negative_kappa(family)
 def test_uniform_refuses_a_dimension_below_two():
     with pytest.raises(ValueError, match="dim must be an integer >= 2 .* got 1"):
         HypersphericalUniform(1)
+
+
+def test_a_non_finite_concentration_gives_nan_samples_instead_of_a_sampler_that_never_accepts():
+    """A diverged encoder gives NaN parameters; the models' divergence policy skips such a step, so the sampler
+    must return (NaN) rather than raise after its rounds."""
+    loc = torch.nn.functional.normalize(torch.ones(3, 4, dtype=torch.float64), dim=-1)
+    kappa = torch.tensor([2.0, float("nan"), float("inf")], dtype=torch.float64)
+    z = VonMisesFisher(loc, kappa, validate_args=False).rsample()
+    assert z[0].isfinite().all() and z[1:].isnan().any(dim=-1).all()

@@ -348,3 +348,34 @@ def test_the_recurrent_vae_refuses_objective_settings_it_would_ignore(kwargs, me
 
     with pytest.raises(ValueError, match=message):
         RecurrentVAE(input_dim=8, likelihood="bernoulli", **kwargs)
+
+
+# -- every option under bf16 and the divergence policy ---------------------------------------------------------------
+
+EVERY_OPTION = {
+    **{f"objective={name}": {"objective": name, **settings} for name, settings in OPTIONS.items() if name != "elbo"},
+    **{f"prior={name}": {"prior": name, **settings} for name, settings in LEARNED.items()},
+    **{f"posterior={name}": {"posterior": name} for name in SPHERICAL},
+    "conditional, mixture prior": {"prior": "mixture", "num_classes": 3},
+    "conditional, von_mises_fisher": {"posterior": "von_mises_fisher", "num_classes": 3},
+}
+
+
+def option_batches(settings: dict, x: torch.Tensor) -> DataLoader:
+    tensors = (x, torch.arange(x.shape[0]) % 3) if settings.get("num_classes") else (x,)
+    return DataLoader(TensorDataset(*tensors), batch_size=8)
+
+
+@pytest.mark.parametrize("settings", EVERY_OPTION.values(), ids=EVERY_OPTION.keys())
+def test_every_option_trains_under_bf16_and_skips_a_nonfinite_batch_without_touching_the_weights(settings):
+    torch.manual_seed(0)
+    model = VAE(**SMALL, **settings)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = images(16)
+    x[:8] = float("nan")  # the first of two batches: skipped; the second trains
+    with pytest.warns(UserWarning, match="skipping a training step with non-finite loss terms"):
+        trainer(max_epochs=1).fit(model, train_dataloaders=option_batches(settings, x))
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    trainer(max_epochs=1, precision="bf16-mixed").fit(model, train_dataloaders=option_batches(settings, images(16)))
+    assert all(p.isfinite().all() for p in model.parameters())
