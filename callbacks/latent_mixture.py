@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
 
 import lightning as L
 import torch
@@ -21,8 +22,9 @@ class FitLatentMixture(Callback):
     """When training ends, fit ``pl_module.code_mixture`` (a ``FittedMixture``) to the codes of the training set,
     so that a model with ``latent_sampler: fitted_mixture`` samples codes from it.
 
-    The codes are the model's ``encode`` (posterior means; labels passed for a conditional model) of the Trainer's
-    training data, in eval mode, gathered from all ranks; every rank fits the same mixture from the same seed.
+    The codes are the model's ``encode`` (posterior means; labels passed for a conditional model) of the batches of
+    one epoch of the Trainer's training data (so ``limit_train_batches`` and ``fast_dev_run`` limit them too), in
+    eval mode, gathered from all ranks; every rank fits the same mixture from the same seed.
     It runs in ``on_train_end``, after the last epoch's checkpoints: so it saves each ``ModelCheckpoint``'s last
     checkpoint (``save_last``) again, with the fitted mixture. The other checkpoints (the best by a monitored
     metric) hold the weights of an earlier epoch, to which this mixture does not belong, and are left as they are.
@@ -70,6 +72,11 @@ class FitLatentMixture(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         codes = self.training_codes(trainer, pl_module)
+        if codes.shape[0] < self.num_components:
+            raise ValueError(
+                f"FitLatentMixture: {codes.shape[0]} training codes are too few to fit {self.num_components} "
+                "Gaussians: lower num_components, or encode more (limit_train_batches, max_codes)"
+            )
         mixture = pl_module.code_mixture.fit(
             codes, self.num_components, iterations=self.iterations, seed=self.seed, covariance=self.covariance
         )
@@ -89,7 +96,8 @@ class FitLatentMixture(Callback):
         training = pl_module.training
         pl_module.eval()
         try:
-            codes = encode_all(trainer, pl_module, training_loader(trainer), per_rank)
+            batches = islice(training_loader(trainer), epoch_batches(trainer))
+            codes = encode_all(trainer, pl_module, batches, per_rank)
         finally:
             pl_module.train(training)
         codes = gather_codes(pl_module, codes)
@@ -98,13 +106,13 @@ class FitLatentMixture(Callback):
     @staticmethod
     def save_last_checkpoints(trainer: L.Trainer) -> None:
         """Write each ModelCheckpoint's last checkpoint again, now with the mixture (``on_train_end`` comes after
-        its last save); with no last checkpoint, say so."""
+        its last save); when checkpoints are written but no last one, say so."""
         paths = [
             (callback.last_model_path, callback.save_weights_only)
             for callback in trainer.checkpoint_callbacks
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.last_model_path
         ]
-        if not paths:
+        if trainer.checkpoint_callbacks and not paths and not trainer.fast_dev_run:
             rank_zero_warn(
                 "FitLatentMixture: no ModelCheckpoint keeps a last checkpoint (save_last), so no checkpoint holds the "
                 "fitted mixture; add ModelCheckpoint(save_last=True), or call trainer.save_checkpoint(path)"
@@ -129,6 +137,12 @@ def training_loader(trainer: L.Trainer) -> Iterable:
             "mixture yourself, model.code_mixture.fit(codes, num_components)"
         )
     return loader
+
+
+def epoch_batches(trainer: L.Trainer) -> int | None:
+    """The number of batches a training epoch takes (None: all of them)."""
+    limit = trainer.num_training_batches
+    return None if math.isinf(limit) else int(limit)
 
 
 @torch.no_grad()
