@@ -72,6 +72,8 @@ def wandb_records(run_dir) -> list:
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk that wandb's process is still writing: the records so far
+            break
         pieces += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
