@@ -18,6 +18,7 @@ from typing_extensions import override
 from dgm_lightning.checkpoint_io import check_checkpoint_file
 from dgm_lightning.checks import check_positive_int, check_temperature
 from dgm_lightning.compat import attached_trainer, logs_this_step, restricted_classmethod
+from dgm_lightning.objectives import Objective
 from dgm_lightning.optimizers import optimizer_config, trainable_parameters
 
 
@@ -100,6 +101,37 @@ class GenerativeModel(L.LightningModule):
         """The injected ``optimizer`` over the trainable parameters, and ``lr_scheduler`` when given: the families
         with one optimizer set both attributes from their arguments (``dgm_lightning.optimizers``)."""
         return optimizer_config(trainable_parameters(self), self.optimizer, self.lr_scheduler)
+
+    # -- the steps of a family with one objective -------------------------------------------------
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """The step of every family with one objective (``objective``): skipped under the divergence policy, or
+        its terms logged and its loss returned, and ``on_objective`` called. (The GAN steps its own.)"""
+        objective = self.objective(batch)
+        if self.skip_nonfinite(objective.terms):
+            return None  # Lightning skips the optimizer step
+        self.log_terms(objective.terms, "train", objective.batch_size)
+        self.on_objective(objective, "train")
+        return objective.loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluation_step(batch, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluation_step(batch, "test")
+
+    def evaluation_step(self, batch: Any, stage: str) -> None:
+        """A validation or test step: the objective's terms logged, and ``on_objective`` called."""
+        objective = self.objective(batch)
+        self.log_terms(objective.terms, stage, objective.batch_size)
+        self.on_objective(objective, stage)
+
+    def on_objective(self, objective: Objective, stage: str) -> None:
+        """Called with each step's objective once its terms are logged (not for a skipped training step): what a
+        family does with it beside logging, such as gathering the codes."""
 
     # -- data contract -------------------------------------------------------------------------
 

@@ -80,21 +80,3 @@ class Classifier(GenerativeModel):
         logits = self(x)
         terms = {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(dim=1) == labels).float().mean()}
         return Objective(terms=terms, batch_size=x.shape[0])
-
-    @override
-    def training_step(self, batch, batch_idx: int) -> Tensor | None:
-        objective = self.objective(batch)
-        if self.skip_nonfinite(objective.terms):
-            return None  # Lightning skips the optimizer step
-        self.log_terms(objective.terms, "train", objective.batch_size)
-        return objective.loss
-
-    @override
-    def validation_step(self, batch, batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "val", objective.batch_size)
-
-    @override
-    def test_step(self, batch, batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "test", objective.batch_size)

@@ -222,24 +222,6 @@ class Flow(GenerativeModel):
     # -- Lightning hooks -----------------------------------------------------------------------
 
     @override
-    def training_step(self, batch, batch_idx: int) -> Tensor | None:
-        objective = self.objective(batch)
-        if self.skip_nonfinite(objective.terms):
-            return None  # Lightning skips the optimizer step
-        self.log_terms(objective.terms, "train", objective.batch_size)
-        return objective.loss
-
-    @override
-    def validation_step(self, batch, batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "val", objective.batch_size)
-
-    @override
-    def test_step(self, batch, batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "test", objective.batch_size)
-
-    @override
     def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         """For each input batch: the inputs and as many fresh samples (with the same labels)."""
         x, labels = self.unpack_batch(batch)

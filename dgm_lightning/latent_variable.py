@@ -230,25 +230,11 @@ class LatentVariableModel(GenerativeModel):
         for name, buffer in self.code_mixture.state_dict(prefix="code_mixture.").items():
             state_dict.setdefault(name, buffer)
 
-    @override
-    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor | None:
-        objective = self.objective(batch)
-        if self.skip_nonfinite(objective.terms):
-            return None  # Lightning skips the optimizer step
-        self.log_terms(objective.terms, "train", objective.batch_size)
-        self.on_training_codes(objective.codes)
-        return objective.loss
-
-    @override
-    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "val", objective.batch_size)
-        self.val_codes.update(objective.codes)
-
-    @override
-    def test_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "test", objective.batch_size)
+    def on_objective(self, objective: Objective, stage: str) -> None:
+        if stage == "train":
+            self.on_training_codes(objective.codes)
+        elif stage == "val":
+            self.val_codes.update(objective.codes)
 
     @override
     def on_validation_epoch_end(self) -> None:

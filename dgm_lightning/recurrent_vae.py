@@ -344,18 +344,9 @@ class RecurrentVAE(SequenceModel):
 
     # -- Lightning hooks -------------------------------------------------------------------------
 
-    @override
-    def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor | None:
-        objective = self.objective(batch)
-        if self.skip_nonfinite(objective.terms):
-            return None  # Lightning skips the optimizer step
-        self.log_terms(objective.terms, "train", objective.batch_size)
-        return objective.loss
-
-    @override
-    def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "val", objective.batch_size)
+    def on_objective(self, objective: SequenceObjective, stage: str) -> None:
+        if stage != "val":
+            return
         self.val_codes.update(objective.codes)
         if self.is_tokens:
             # the ELBO bounds the NLL: per token, this is an upper bound on the validation perplexity's log
@@ -364,13 +355,13 @@ class RecurrentVAE(SequenceModel):
 
     @override
     def test_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
-        objective = self.objective(batch)
-        self.log_terms(objective.terms, "test", objective.batch_size)
+        super().test_step(batch, batch_idx)  # the objective's terms
         x, lengths = self.unpack_batch(batch)
         nll = -self.log_prob(x, lengths, num_samples=self.iwae_samples)  # (B,)
         self.log_terms({"nll": nll.mean()}, "test", batch_size=x.shape[0])
         if self.is_tokens:
-            self.token_nll["test"].update(nll.sum() / objective.num_targets, weight=objective.num_targets)
+            count = self.num_targets(lengths).sum()
+            self.token_nll["test"].update(nll.sum() / count, weight=count)
 
     def _log_token_metrics(self, stage: str) -> None:
         metric = self.token_nll[stage]
