@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.distributions import Categorical, Normal
+from torch.distributions import Categorical, Distribution, Normal, kl_divergence
 from torchmetrics import CatMetric, MeanMetric
 from typing_extensions import override
 
@@ -34,7 +34,18 @@ from dgm_lightning.nets.sequence_nets import (
 )
 from dgm_lightning.objectives import Objective
 from dgm_lightning.optimizers import check_injected
+from dgm_lightning.posteriors import (
+    Posterior,
+    check_posterior,
+    latent_log_prob,
+    own_prior,
+    posterior_code,
+    posterior_distribution,
+    posterior_out_dim,
+    sphere_from_noise,
+)
 from dgm_lightning.sequence_model import DEFAULT_MAX_LEN, SequenceModel
+from dgm_lightning.vae_checks import check_posterior_settings
 from dgm_lightning.vocabulary import PAD, Level, Vocabulary
 
 SequenceLikelihood = Literal["categorical", "bernoulli", "gaussian", "gaussian_learned"]
@@ -91,6 +102,10 @@ class RecurrentVAE(SequenceModel):
         hidden_dims: one width per stacked RNN layer, from the input up, in the encoder and the decoder.
         bidirectional: bidirectional encoder.
         word_dropout: probability of dropping a decoder input while training.
+        posterior: the latent geometry, as in ``VAE`` (``dgm_lightning.posteriors``): ``gaussian`` (standard normal
+            prior) or, codes on the unit sphere in latent_dim dimensions with the uniform prior on it,
+            ``power_spherical`` or ``von_mises_fisher`` (not with free bits; ``mi`` is logged for the Gaussian
+            only). ``sample`` then draws the uniform prior at any temperature above 0.
         objective: ``elbo`` (the beta-ELBO) or ``iwae``, the importance-weighted bound with ``training_samples``
             samples per sequence as the training objective (Burda et al. 2015; as in ``VAE``, and logged beside
             the ``elbo``).
@@ -103,12 +118,14 @@ class RecurrentVAE(SequenceModel):
         lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
             rate); e.g. ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 50``.
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
-        encoder: your own encoder: (x, lengths) -> (B, 2 * latent_dim), mean and log-variance.
+        encoder: your own encoder: (x, lengths) -> (B, 2 * latent_dim), mean and log-variance (a hyperspherical
+            posterior: (B, latent_dim + 1), direction and concentration).
         decoder: your own decoder: (inputs, z, state=None) -> (per-step parameters (B, T, out), state),
             like ``SequenceDecoder``.
 
     References: Bowman et al. 2016, arXiv:1511.06349; cyclical annealing, Fu et al. 2019, arXiv:1903.10145;
         free bits, Kingma et al. 2016, arXiv:1606.04934; IWAE bound, Burda et al. 2015, arXiv:1509.00519;
+        hyperspherical latents, Davidson et al. 2018, arXiv:1804.00891, De Cao & Aziz 2020, arXiv:2006.04437;
         mutual information and active units as collapse diagnostics, He et al. 2019, arXiv:1901.05534.
     """
 
@@ -130,6 +147,7 @@ class RecurrentVAE(SequenceModel):
         word_dropout: float = 0.0,
         beta: float = 1.0,
         free_bits: float = 0.0,
+        posterior: Posterior = "gaussian",
         objective: RecurrentObjective = "elbo",
         training_samples: int = 1,
         iwae_samples: int = 50,
@@ -151,11 +169,13 @@ class RecurrentVAE(SequenceModel):
         check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
         _check_data_kind(likelihood, vocab, input_dim)
         _check_objective(objective, training_samples=training_samples, free_bits=free_bits)
+        check_posterior(posterior, latent_dim)
+        check_posterior_settings(posterior, objective=objective, free_bits=free_bits)
         super().__init__(likelihood=likelihood, value_range=value_range, sample_max_len=sample_max_len, compile=compile)
         if likelihood == "bernoulli" and self.value_range != (0.0, 1.0):
             raise ValueError(f"the bernoulli likelihood models values in (0, 1) but value_range is {self.value_range}")
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "lr_scheduler"])
-        self.latent_dim = latent_dim
+        self.latent_dim, self.posterior_name = latent_dim, posterior
         self.word_dropout, self.beta, self.free_bits = float(word_dropout), float(beta), float(free_bits)
         self.iwae_samples = iwae_samples
         self.objective_name, self.training_samples = objective, training_samples  # not self.objective: the method
@@ -179,7 +199,10 @@ class RecurrentVAE(SequenceModel):
         shared = dict(embedding_dim=h.embedding_dim, hidden_dims=h.hidden_dims, cell=h.cell, padding_idx=PAD)
         if self.encoder is None:
             self.encoder = SequenceEncoder(
-                out_dim=2 * self.latent_dim, bidirectional=h.bidirectional, **inputs, **shared
+                out_dim=posterior_out_dim(self.posterior_name, self.latent_dim),
+                bidirectional=h.bidirectional,
+                **inputs,
+                **shared,
             )
         if self.decoder is None:
             self.decoder = SequenceDecoder(latent_dim=self.latent_dim, out_dim=feature_dim, **inputs, **shared)
@@ -187,21 +210,25 @@ class RecurrentVAE(SequenceModel):
     # -- the model -------------------------------------------------------------------------------
 
     @property
-    def prior(self) -> Normal:
-        return Normal(self.prior_loc, self.prior_scale, validate_args=False)
+    def prior(self) -> Distribution:
+        """p(z): the posterior's own prior (standard normal, or uniform on the sphere)."""
+        return own_prior(self.posterior_name, self.prior_loc, self.prior_scale)
 
-    def posterior(self, x: Tensor, lengths: Tensor) -> Normal:
-        """q(z | x) with batch shape (B, latent_dim)."""
+    def posterior(self, x: Tensor, lengths: Tensor) -> Distribution:
+        """q(z | x): a Normal with batch shape (B, latent_dim), or a hyperspherical distribution (batch (B,))."""
         out = self.encoder(x, lengths)
-        if out.shape != (x.shape[0], 2 * self.latent_dim):
-            raise ValueError(f"the encoder must output shape (B, {2 * self.latent_dim}), got {tuple(out.shape)}")
-        loc, log_var = out.chunk(2, dim=1)
-        return Normal(loc, (0.5 * log_var).exp(), validate_args=False)
+        out_dim = posterior_out_dim(self.posterior_name, self.latent_dim)
+        if out.shape != (x.shape[0], out_dim):
+            raise ValueError(
+                f"the encoder must output shape (B, {out_dim}) for the {self.posterior_name} posterior with "
+                f"latent_dim={self.latent_dim}, got {tuple(out.shape)}"
+            )
+        return posterior_distribution(self.posterior_name, out)
 
     def encode(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Sequences -> posterior means (B, latent_dim)."""
+        """Sequences -> posterior means (B, latent_dim); on the sphere, the mean direction."""
         x, lengths = self.check_sequences(x, lengths, "encode")
-        return self.posterior(x, lengths).mean
+        return posterior_code(self.posterior(x, lengths))
 
     def step_log_prob(self, params: Tensor, targets: Tensor) -> Tensor:
         """log p(target_t | ...) per step (B, T) from decoder outputs (B, T, out)."""
@@ -232,12 +259,12 @@ class RecurrentVAE(SequenceModel):
             terms = objectives.iwae_terms(*log_weights, beta=self.beta)
         else:
             reconstruction = self.reconstruction_log_prob(x, lengths, q.rsample(), dropout)  # (B,)
-            kl = objectives.gaussian_kl(q, self.prior)  # (B, latent_dim)
+            kl = kl_divergence(q, self.prior)  # (B, latent_dim); (B,) on the sphere
             terms = objectives.elbo_terms(reconstruction, kl, beta=self.beta, free_bits=self.free_bits)
-        if not self.training and x.shape[0] > 1:  # a diagnostic, in validation and test
+        if not self.training and x.shape[0] > 1 and isinstance(q, Normal):  # a diagnostic, in validation and test
             terms["mi"] = objectives.mutual_information(q)
         return SequenceObjective(
-            terms, batch_size=x.shape[0], codes=q.mean.detach(), num_targets=self.num_targets(lengths).sum()
+            terms, batch_size=x.shape[0], codes=posterior_code(q).detach(), num_targets=self.num_targets(lengths).sum()
         )
 
     def log_prob(self, x: Tensor, lengths: Tensor | None = None, *, num_samples: int = 50) -> Tensor:
@@ -253,7 +280,7 @@ class RecurrentVAE(SequenceModel):
         return objectives.iwae_bound(log_px + log_pz - log_q)
 
     def log_weights(
-        self, x: Tensor, lengths: Tensor, num_samples: int, *, q: Normal | None = None, word_dropout: float = 0.0
+        self, x: Tensor, lengths: Tensor, num_samples: int, *, q: Distribution | None = None, word_dropout: float = 0.0
     ) -> tuple[Tensor, Tensor, Tensor]:
         """log p(x | z_k), log p(z_k) and log q(z_k | x) for ``num_samples`` reparameterised draws z_k from the
         posterior q (computed here unless given), each (num_samples, B); decodes B * num_samples sequences."""
@@ -263,7 +290,7 @@ class RecurrentVAE(SequenceModel):
         log_px = self.reconstruction_log_prob(
             x.repeat(*repeats), lengths.repeat(num_samples), z.flatten(0, 1), word_dropout
         )  # fmt: skip
-        return log_px.view(num_samples, -1), self.prior.log_prob(z).sum(-1), q.log_prob(z).sum(-1)
+        return log_px.view(num_samples, -1), latent_log_prob(self.prior, z), latent_log_prob(q, z)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -301,29 +328,34 @@ class RecurrentVAE(SequenceModel):
 
     @torch.no_grad()
     def sample(self, n: int, *, temperature: float = 1.0, max_len: int | None = None) -> Tensor:
-        """n sequences generated from z ~ N(0, temperature^2 I), at that temperature (``generate``): 1 samples the
-        model, 0 gives its mode's greedy sequence (z = 0), the same every time. An unconditional model: it takes no
-        labels."""
-        z = self.draw_noise(n, temperature)  # checks n and the temperature
-        return self.generate(z, max_len=max_len, temperature=temperature)
+        """n sequences generated from z ~ N(0, temperature^2 I) (on the sphere: its direction, uniform), at that
+        temperature (``generate``): 1 samples the model, 0 gives its mode's greedy sequence (z = 0; on the sphere the
+        code e1), the same every time. An unconditional model: it takes no labels."""
+        noise = self.draw_noise(n, temperature)  # checks n and the temperature
+        return self.generate(self.latent_from_noise(noise), max_len=max_len, temperature=temperature)
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
         """Shape of the standard normal noise of one sample (``from_noise``): (latent_dim,)."""
         return (self.latent_dim,)
 
+    def latent_from_noise(self, noise: Tensor) -> Tensor:
+        """Codes from standard normal noise (B, latent_dim): the noise itself under the N(0, I) prior, its direction
+        under the uniform prior on the sphere (e1 for zero noise)."""
+        return noise if self.posterior_name == "gaussian" else sphere_from_noise(noise)
+
     def from_noise(self, noise: Tensor) -> Tensor:
-        """Sequences from standard normal noise (B, latent_dim), which is z under the N(0, I) prior, generated
-        greedily (``generate`` at temperature 0, to the model's ``max_len``): an exported sampler
+        """Sequences from standard normal noise (B, latent_dim), through the prior's codes (``latent_from_noise``),
+        generated greedily (``generate`` at temperature 0, to the model's ``max_len``): an exported sampler
         (``dgm_lightning.export``) is this map."""
-        return self.generate(noise, temperature=0.0)
+        return self.generate(self.latent_from_noise(noise), temperature=0.0)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, lengths: Tensor | None = None, *, temperature: float = 0.0) -> Tensor:
         """Generate from the posterior means of x (continuous sequences keep their length T)."""
         x, lengths = self.check_sequences(x, lengths, "reconstruct")
         max_len = None if self.is_tokens else x.shape[1]
-        return self.generate(self.posterior(x, lengths).mean, max_len=max_len, temperature=temperature)
+        return self.generate(posterior_code(self.posterior(x, lengths)), max_len=max_len, temperature=temperature)
 
     @torch.no_grad()
     def interpolate(
@@ -340,7 +372,8 @@ class RecurrentVAE(SequenceModel):
             raise ValueError(f"start and end must hold as many sequences, got {z0.shape[0]} and {z1.shape[0]}")
         if max_len is None and not self.is_tokens:
             max_len = start.shape[1]
-        return [self.generate(torch.lerp(z0, z1, t), max_len=max_len) for t in torch.linspace(0, 1, steps).tolist()]
+        points = [self.latent_from_noise(torch.lerp(z0, z1, t)) for t in torch.linspace(0, 1, steps).tolist()]
+        return [self.generate(z, max_len=max_len) for z in points]
 
     # -- Lightning hooks -------------------------------------------------------------------------
 

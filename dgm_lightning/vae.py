@@ -10,18 +10,25 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal, kl_divergence
-from torch.nn import functional as F
 from typing_extensions import override
 
 from dgm_lightning import objectives
-from dgm_lightning.checks import check_choice, check_non_negative, check_positive_int
+from dgm_lightning.checks import check_non_negative, check_positive_int
 from dgm_lightning.compat import attached_trainer
-from dgm_lightning.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher
 from dgm_lightning.latent_variable import LatentVariableModel
 from dgm_lightning.objectives import Kernel, Objective
+from dgm_lightning.posteriors import (
+    Posterior,
+    check_posterior,
+    latent_log_prob,
+    own_prior,
+    posterior_code,
+    posterior_distribution,
+    posterior_out_dim,
+    sphere_from_noise,
+)
 from dgm_lightning.priors import LatentPrior, build_prior
 from dgm_lightning.vae_checks import (
-    Posterior,
     VAEObjective,
     VAEPrior,
     check_objective_settings,
@@ -29,7 +36,6 @@ from dgm_lightning.vae_checks import (
     check_prior_settings,
 )
 
-SPHERICAL_POSTERIORS = {"power_spherical": PowerSpherical, "von_mises_fisher": VonMisesFisher}
 # the VAE's settings of its objective and posterior, which a subclass with its own (FlowVAE) does not take
 STRATEGY_SETTINGS = (
     "objective", "posterior", "prior", "mixture_components", "pseudo_inputs", "free_bits", "training_samples",
@@ -130,7 +136,7 @@ class VAE(LatentVariableModel):
         iwae_samples: int = 100,
         **settings: Any,
     ) -> None:
-        check_choice("posterior", posterior, Posterior)
+        check_posterior(posterior, latent_dim)
         self.posterior_name = posterior  # read by encoder_out_dim while the base class builds the encoder
         # settings: those of LatentVariableModel, declared there once (see AE)
         super().__init__(latent_dim, **settings)
@@ -138,7 +144,7 @@ class VAE(LatentVariableModel):
             prior, posterior=posterior, num_classes=self.num_classes, free_bits=free_bits,
             mixture_components=mixture_components, pseudo_inputs=pseudo_inputs,
         )  # fmt: skip
-        check_posterior_settings(posterior, latent_dim=latent_dim, objective=objective, free_bits=free_bits)
+        check_posterior_settings(posterior, objective=objective, free_bits=free_bits)
         check_objective_settings(
             objective, free_bits=free_bits, training_samples=training_samples, miwae_groups=miwae_groups,
             mi_weight=mi_weight, dim_kl_weight=dim_kl_weight, dataset_size=dataset_size, mmd_weight=mmd_weight,
@@ -164,7 +170,7 @@ class VAE(LatentVariableModel):
 
     @property
     def encoder_out_dim(self) -> int:
-        return 2 * self.latent_dim if self.posterior_name == "gaussian" else self.latent_dim + 1
+        return posterior_out_dim(self.posterior_name, self.latent_dim)
 
     @property
     def spherical(self) -> bool:
@@ -177,23 +183,12 @@ class VAE(LatentVariableModel):
         the uniform distribution on the sphere (event shape (latent_dim,))."""
         if self.learned_prior is not None:
             return self.learned_prior.distribution()
-        if self.spherical:
-            return HypersphericalUniform(self.latent_dim, dtype=self.prior_loc.dtype, device=self.prior_loc.device)
-        return Normal(self.prior_loc, self.prior_scale, validate_args=False)
+        return own_prior(self.posterior_name, self.prior_loc, self.prior_scale)
 
     def posterior(self, x: Tensor, *, labels: Tensor | None = None) -> Distribution:
         """q(z | x): a Normal with batch shape (B, latent_dim), or a hyperspherical distribution with batch shape
         (B,) and event shape (latent_dim,)."""
-        out = self.encoder_output(x, labels)
-        if not self.spherical:
-            loc, log_var = out.chunk(2, dim=1)
-            # validate_args=False: non-finite values are the divergence policy's to report, not a crash here
-            return Normal(loc, (0.5 * log_var).exp(), validate_args=False)
-        out = out.float()  # the sphere's normalisers and samplers need float32 under bf16 autocast
-        direction, concentration = out[:, : self.latent_dim], out[:, self.latent_dim]
-        # softplus + 1: a concentration near 0 (the uniform) would let the posterior collapse at initialisation
-        scale = F.softplus(concentration) + 1.0
-        return SPHERICAL_POSTERIORS[self.posterior_name](F.normalize(direction, dim=-1), scale, validate_args=False)
+        return posterior_distribution(self.posterior_name, self.encoder_output(x, labels))
 
     def pseudo_input_posteriors(self, pseudo_inputs: Tensor) -> tuple[Tensor, Tensor]:
         """The vamp prior's components: the Gaussian posteriors' (loc, scale), each (K, latent_dim), of the
@@ -206,17 +201,11 @@ class VAE(LatentVariableModel):
         for the sphere; for a learned prior the Monte Carlo estimate log q(z|x) - log p(z) at the sample z (B,)."""
         if self.learned_prior is None:
             return kl_divergence(q, self.prior)
-        return self.latent_log_prob(q, z) - self.latent_log_prob(self.prior, z)
-
-    def latent_log_prob(self, distribution: Distribution, z: Tensor) -> Tensor:
-        """log density of codes z (..., B, latent_dim) under the prior or a posterior, summed over dimensions."""
-        log_prob = distribution.log_prob(z)
-        return log_prob.sum(-1) if isinstance(distribution, Normal) else log_prob
+        return latent_log_prob(q, z) - latent_log_prob(self.prior, z)
 
     def _encode(self, x: Tensor, labels: Tensor | None) -> Tensor:
         """Images (B, C, H, W) -> posterior means (B, latent_dim); on the sphere, the mean direction."""
-        q = self.posterior(x, labels=labels)
-        return q.loc if self.spherical else q.mean
+        return posterior_code(self.posterior(x, labels=labels))
 
     @property
     @override
@@ -239,9 +228,7 @@ class VAE(LatentVariableModel):
             return components.loc[index] + components.scale[index] * noise[:, 1:]
         if not self.spherical:
             return self.prior_loc + self.prior_scale * noise
-        norm = noise.norm(dim=-1, keepdim=True)
-        e1 = F.one_hot(torch.zeros_like(norm[:, 0], dtype=torch.long), self.latent_dim).to(noise)
-        return torch.where(norm > 0, noise / norm.clamp_min(torch.finfo(noise.dtype).tiny), e1)
+        return sphere_from_noise(noise)
 
     def objective(self, batch: Tensor | Sequence[Tensor]) -> Objective:
         """The chosen objective (``objective``) on a batch: ``loss``, ``elbo``, ``reconstruction``, ``kl`` and the
@@ -255,7 +242,7 @@ class VAE(LatentVariableModel):
             terms = self.single_sample_terms(z, q, self.decoder_distribution(z, labels).log_prob(x))
         if not self.training and x.shape[0] > 1 and not self.spherical:  # a diagnostic, in validation and test
             terms.setdefault("mi", objectives.mutual_information(q))  # beta_tc has its own estimate
-        return Objective(terms, batch_size=x.shape[0], codes=(q.loc if self.spherical else q.mean).detach())
+        return Objective(terms, batch_size=x.shape[0], codes=posterior_code(q).detach())
 
     def single_sample_terms(self, z: Tensor, q: Normal, reconstruction: Tensor) -> dict[str, Tensor]:
         """The terms of the objectives that take one posterior sample z (B, D) per example: elbo, beta_tc, mmd.
@@ -279,7 +266,7 @@ class VAE(LatentVariableModel):
     def beta_tc_log_prior(self, z: Tensor) -> Tensor:
         """log p(z) as beta_tc takes it: per dimension (B, latent_dim) for the standard normal, per example (B,)."""
         prior = self.prior
-        return prior.log_prob(z) if isinstance(prior, Normal) else self.latent_log_prob(prior, z)
+        return prior.log_prob(z) if isinstance(prior, Normal) else latent_log_prob(prior, z)
 
     def importance_terms(self, x: Tensor, labels: Tensor | None, q: Normal) -> dict[str, Tensor]:
         """The terms of the iwae and miwae objectives, from ``training_samples`` posterior samples per example."""
@@ -312,7 +299,7 @@ class VAE(LatentVariableModel):
         posterior q (computed here unless given), each (num_samples, B)."""
         q = self.posterior(x, labels=labels) if q is None else q
         z = q.rsample((num_samples,))  # (K, B, D)
-        log_q, log_pz = self.latent_log_prob(q, z), self.latent_log_prob(self.prior, z)
+        log_q, log_pz = latent_log_prob(q, z), latent_log_prob(self.prior, z)
         repeated_labels = None if labels is None else labels.repeat(num_samples)
         px = self.decoder_distribution(z.flatten(0, 1), repeated_labels)  # batch (K * B,)
         log_px = px.log_prob(x.repeat(num_samples, *([1] * (x.dim() - 1)))).view(num_samples, -1)

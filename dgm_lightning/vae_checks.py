@@ -10,7 +10,6 @@ from dgm_lightning.objectives import Kernel
 from dgm_lightning.priors import check_prior_supports
 
 VAEObjective = Literal["elbo", "iwae", "miwae", "beta_tc", "mmd"]
-Posterior = Literal["gaussian", "power_spherical", "von_mises_fisher"]
 VAEPrior = Literal["standard_normal", "mixture", "vamp", "uniform"]
 
 
@@ -62,16 +61,11 @@ def check_objective_settings(
         )
 
 
-def check_posterior_settings(posterior: str, *, latent_dim: int, objective: str, free_bits: float) -> None:
-    """Refuse a hyperspherical posterior where it is undefined: on a sphere of dimension 0, with free bits (its KL
-    to the uniform has no per-dimension split) or with beta_tc (it does not factorise over dimensions)."""
+def check_posterior_settings(posterior: str, *, objective: str, free_bits: float) -> None:
+    """Refuse a hyperspherical posterior where it is undefined: with free bits (its KL to the uniform has no
+    per-dimension split) or with beta_tc (it does not factorise over dimensions)."""
     if posterior == "gaussian":
         return
-    if latent_dim < 2:
-        raise ValueError(
-            f"a {posterior} posterior lives on the unit sphere in latent_dim dimensions, at least 2 (the circle); "
-            f"got latent_dim={latent_dim}"
-        )
     if free_bits:
         raise ValueError(
             f"free_bits needs a KL per latent dimension, which the {posterior} posterior's KL to the uniform prior on "

@@ -28,6 +28,8 @@ OPTIONS = {
 RECURRENT = {  # the recipe's free bits are the ELBO's, which the iwae objective refuses
     "rvae_iwae": ["--config", "rvae_digits_rows", "--model.objective", "iwae", "--model.training_samples", "2",
                   "--model.free_bits", "0"],
+    "rvae_power_spherical": ["--config", "rvae_digits_rows", "--model.posterior", "power_spherical",
+                             "--model.free_bits", "0"],
 }  # fmt: skip
 
 SCRIPT = """

@@ -304,43 +304,6 @@ def test_a_learned_prior_trains_from_the_command_line_resumes_and_loads(prior):
     assert prior_keys and all(torch.equal(loaded.state_dict()[key], state[key]) for key in prior_keys)
 
 
-# -- the RecurrentVAE takes the IWAE objective -----------------------------------------------------------------------
-
-
-def test_the_recurrent_vae_trains_on_the_iwae_bound_from_the_command_line():
-    # the recipe's free bits are the ELBO's: the iwae objective refuses them, so they go
-    flags = ["--model.objective", "iwae", "--model.training_samples", "3", "--model.free_bits", "0",
-             "--trainer.max_epochs", "1",
-             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
-             "--trainer.logger", "false"]  # fmt: skip
-    cli = main(["fit", "--config", "rvae_digits_rows", *flags])
-    model = cli.model
-    assert model.objective_name == "iwae" and cli.trainer.callback_metrics["val/iwae"].isfinite()
-    batch = next(iter(cli.datamodule.val_dataloader()))
-    model.eval()
-    model.beta = 1.0  # the recipe anneals it: at 1 the loss is the plain bound
-    torch.manual_seed(0)
-    terms = [model.objective(batch).terms for _ in range(20)]
-    assert all(torch.equal(t["loss"], -t["iwae"]) for t in terms)
-    assert torch.stack([t["iwae"] for t in terms]).mean() > torch.stack([t["elbo"] for t in terms]).mean()
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"objective": "iwae"}, "iwae objective with training_samples=1 is the ELBO"),
-        ({"objective": "iwae", "training_samples": 3, "free_bits": 0.5}, "free_bits applies to the elbo objective"),
-        ({"training_samples": 3}, "training_samples applies to the iwae objective"),
-        ({"objective": "beta_tc"}, "unknown objective 'beta_tc'; choose one of: elbo, iwae"),
-    ],
-)
-def test_the_recurrent_vae_refuses_objective_settings_it_would_ignore(kwargs, message):
-    from dgm_lightning import RecurrentVAE
-
-    with pytest.raises(ValueError, match=message):
-        RecurrentVAE(input_dim=8, likelihood="bernoulli", **kwargs)
-
-
 # -- every option under bf16 and the divergence policy ---------------------------------------------------------------
 
 EVERY_OPTION = {
