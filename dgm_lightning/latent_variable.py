@@ -204,12 +204,22 @@ class LatentVariableModel(GenerativeModel):
             )
         return out
 
-    def decoder_distribution(self, z: Tensor, labels: Tensor | None) -> Distribution:
-        """p(x | z) as a torch distribution over whole images."""
-        params = self.decoder(self.condition_vectors(z, labels))
+    def decoder_distribution(self, z: Tensor, labels: Tensor | None, *, frozen: bool = False) -> Distribution:
+        """p(x | z) as a torch distribution over whole images; ``frozen``: with the decoder's parameters (and a learned
+        scale) detached, so that its log density passes gradients to z but not to the decoder (PIWAE's encoder term).
+        """
+        inputs = self.condition_vectors(z, labels)
+        log_scale = self.log_scale
+        if frozen:
+            # functional_call runs the same module on detached copies: no parameter's requires_grad is switched,
+            # which would be state shared with DDP's hooks and torch.compile's guards
+            detached = {name: tensor.detach() for name, tensor in self.decoder.state_dict(keep_vars=True).items()}
+            params, log_scale = torch.func.functional_call(self.decoder, detached, (inputs,)), log_scale.detach()
+        else:
+            params = self.decoder(inputs)
         if params.shape[1:] != self.data_shape:
             raise ValueError(f"the decoder must output shape (B, {self.data_shape}), got {tuple(params.shape)}")
-        return objectives.reconstruction_distribution(self.likelihood, params, log_scale=self.log_scale)
+        return objectives.reconstruction_distribution(self.likelihood, params, log_scale=log_scale)
 
     def value_range_advice(self) -> str:
         if self.likelihood in ("bernoulli", "continuous_bernoulli"):

@@ -16,11 +16,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Normal
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 from torch.nn import functional as F
 
 from dgm_lightning.checks import check_choice
-from dgm_lightning.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher
+from dgm_lightning.distributions import HypersphericalUniform, PowerSpherical, SphericalDistribution, VonMisesFisher
 
 Posterior = Literal["gaussian", "power_spherical", "von_mises_fisher"]
 SPHERICAL_POSTERIORS = {"power_spherical": PowerSpherical, "von_mises_fisher": VonMisesFisher}
@@ -82,3 +82,27 @@ def sphere_from_noise(noise: Tensor) -> Tensor:
     norm = noise.norm(dim=-1, keepdim=True)
     e1 = F.one_hot(torch.zeros_like(norm[:, 0], dtype=torch.long), noise.shape[-1]).to(noise)
     return torch.where(norm > 0, noise / norm.clamp_min(torch.finfo(noise.dtype).tiny), e1)
+
+
+def detached(distribution: Distribution) -> Distribution:
+    """The same distribution with its parameters detached: its log density still passes gradients to the values it
+    is evaluated at, but not to the networks that made it (PIWAE holds one set of networks fixed per term).
+
+    Written by hand because torch.distributions has no detach: covers the posteriors and priors of this package
+    (Normal, Independent, Categorical, MixtureSameFamily, the hyperspherical distributions).
+    """
+    if isinstance(distribution, Normal):
+        return Normal(distribution.loc.detach(), distribution.scale.detach(), validate_args=False)
+    if isinstance(distribution, Independent):
+        base = detached(distribution.base_dist)
+        return Independent(base, distribution.reinterpreted_batch_ndims, validate_args=False)
+    if isinstance(distribution, Categorical):
+        return Categorical(logits=distribution.logits.detach(), validate_args=False)
+    if isinstance(distribution, MixtureSameFamily):
+        mixture, components = distribution.mixture_distribution, distribution.component_distribution
+        return MixtureSameFamily(detached(mixture), detached(components), validate_args=False)
+    if isinstance(distribution, SphericalDistribution):
+        return type(distribution)(distribution.loc.detach(), distribution.scale.detach(), validate_args=False)
+    if isinstance(distribution, HypersphericalUniform):
+        return distribution  # no parameters
+    raise TypeError(f"detached does not know {type(distribution).__name__}: add it to dgm_lightning.posteriors")

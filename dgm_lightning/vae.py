@@ -1,5 +1,5 @@
-"""Variational autoencoder: its objectives (ELBO, IWAE, MIWAE, beta-TC, MMD), likelihoods, class conditioning, IWAE
-likelihood."""
+"""Variational autoencoder: its objectives (ELBO, IWAE, MIWAE, PIWAE, beta-TC, MMD), likelihoods, class conditioning,
+IWAE likelihood."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from dgm_lightning.objectives import Kernel, Objective
 from dgm_lightning.posteriors import (
     Posterior,
     check_posterior,
+    detached,
     latent_log_prob,
     own_prior,
     posterior_code,
@@ -65,7 +66,9 @@ class VAE(LatentVariableModel):
 
     - ``elbo``: ``-E_q[log p(x|z)] + beta * KL``, the KL floored per dimension by ``free_bits``;
     - ``iwae``: the importance-weighted bound with ``training_samples`` samples per example (K = 1 is the ELBO);
-      ``miwae``: the mean of ``miwae_groups`` such bounds over groups of the samples;
+      ``miwae``: the mean of ``miwae_groups`` such bounds over groups of the samples; ``piwae``: the decoder (and a
+      learned prior) trained on the iwae bound, the encoder on the miwae one, in one backward pass (it decodes
+      the samples twice: once with the encoder held fixed, once with the decoder held fixed);
     - ``beta_tc``: the KL split into index-code MI, total correlation and dimension-wise KL, weighted by
       ``mi_weight``, ``beta`` and ``dim_kl_weight`` (beta-TC-VAE; the aggregate posterior estimated on the batch
       over a training set of ``dataset_size`` examples);
@@ -82,7 +85,7 @@ class VAE(LatentVariableModel):
 
     Args:
         latent_dim: size of z.
-        objective: ``elbo``, ``iwae``, ``miwae``, ``beta_tc`` or ``mmd`` (see above).
+        objective: ``elbo``, ``iwae``, ``miwae``, ``piwae``, ``beta_tc`` or ``mmd`` (see above).
         posterior: ``gaussian``, ``power_spherical`` or ``von_mises_fisher`` (see above); the hyperspherical ones
             take neither free bits (their KL has no per-dimension split) nor ``beta_tc`` (they do not factorise
             over dimensions).
@@ -94,8 +97,9 @@ class VAE(LatentVariableModel):
         beta: weight of the KL term (1 gives the ELBO; Higgins et al. 2017); of the total correlation in
             ``beta_tc``.
         free_bits: nats per latent dimension below which the KL is not penalised (0 disables; ``elbo`` only).
-        training_samples: importance samples per example of the ``iwae`` and ``miwae`` objectives.
-        miwae_groups: groups the ``miwae`` objective splits its samples into (they must divide evenly).
+        training_samples: importance samples per example of the ``iwae``, ``miwae`` and ``piwae`` objectives.
+        miwae_groups: groups the ``miwae`` objective (and ``piwae``'s encoder) splits its samples into (they must
+            divide evenly).
         mi_weight: weight of the index-code mutual information in ``beta_tc``.
         dim_kl_weight: weight of the dimension-wise KL in ``beta_tc``.
         dataset_size: examples in the training set, for ``beta_tc``'s estimate of the aggregate posterior; None
@@ -109,7 +113,7 @@ class VAE(LatentVariableModel):
 
     References: Kingma & Welling 2013, arXiv:1312.6114; conditional VAE, Sohn et al. 2015 (NeurIPS);
         free bits, Kingma et al. 2016, arXiv:1606.04934; IWAE bound, Burda et al. 2015, arXiv:1509.00519;
-        MIWAE, Rainforth et al. 2018, arXiv:1802.04537; beta-TC-VAE, Chen et al. 2018, arXiv:1802.04942;
+        MIWAE and PIWAE, Rainforth et al. 2018, arXiv:1802.04537; beta-TC-VAE, Chen et al. 2018, arXiv:1802.04942;
         VampPrior, Tomczak & Welling 2017, arXiv:1705.07120; InfoVAE, Zhao et al. 2017, arXiv:1706.02262;
         WAE, Tolstikhin et al. 2017, arXiv:1711.01558; hyperspherical VAE, Davidson et al. 2018,
         arXiv:1804.00891; Power Spherical, De Cao & Aziz 2020, arXiv:2006.04437.
@@ -235,7 +239,7 @@ class VAE(LatentVariableModel):
         objective's own terms; in evaluation also ``mi``, an estimate of I(x; z)."""
         x, labels = self.unpack_batch(batch)
         q = self.posterior(x, labels=labels)
-        if self.objective_name in ("iwae", "miwae"):
+        if self.objective_name in ("iwae", "miwae", "piwae"):
             terms = self.importance_terms(x, labels, q)
         else:
             z = q.rsample()
@@ -269,11 +273,23 @@ class VAE(LatentVariableModel):
         return prior.log_prob(z) if isinstance(prior, Normal) else latent_log_prob(prior, z)
 
     def importance_terms(self, x: Tensor, labels: Tensor | None, q: Normal) -> dict[str, Tensor]:
-        """The terms of the iwae and miwae objectives, from ``training_samples`` posterior samples per example."""
-        log_px, log_pz, log_q = self.log_weights(x, labels, self.training_samples, q=q)
+        """The terms of the iwae, miwae and piwae objectives, from ``training_samples`` posterior samples per example.
+
+        For piwae the log weights are computed twice from the same samples: with the encoder held fixed (samples and
+        q detached) for the decoder's and prior's bound, and with the decoder and prior held fixed (detached
+        parameters) for the encoder's. The vamp prior is made by the encoder from its pseudo-inputs, so the encoder
+        also learns from the generative bound through it.
+        """
+        z = q.rsample((self.training_samples,))  # (K, B, D)
         if self.objective_name == "iwae":
-            return objectives.iwae_terms(log_px, log_pz, log_q, beta=self.beta)
-        return objectives.miwae_terms(log_px, log_pz, log_q, num_groups=self.miwae_groups, beta=self.beta)
+            return objectives.iwae_terms(*self.log_weights_at(x, labels, z, q, self.prior), beta=self.beta)
+        if self.objective_name == "miwae":
+            log_weights = self.log_weights_at(x, labels, z, q, self.prior)
+            return objectives.miwae_terms(*log_weights, num_groups=self.miwae_groups, beta=self.beta)
+        prior = self.prior
+        generative = self.log_weights_at(x, labels, z.detach(), detached(q), prior)
+        inference = self.log_weights_at(x, labels, z, q, detached(prior), frozen_decoder=True)
+        return objectives.piwae_terms(generative, inference, num_groups=self.miwae_groups, beta=self.beta)
 
     def training_set_size(self, batch_size: int) -> int:
         """N, the examples that beta_tc's aggregate posterior is over: ``dataset_size``, or the size of the
@@ -298,10 +314,18 @@ class VAE(LatentVariableModel):
         """log p(x | z_k), log p(z_k) and log q(z_k | x) for ``num_samples`` reparameterised draws z_k from the
         posterior q (computed here unless given), each (num_samples, B)."""
         q = self.posterior(x, labels=labels) if q is None else q
-        z = q.rsample((num_samples,))  # (K, B, D)
-        log_q, log_pz = latent_log_prob(q, z), latent_log_prob(self.prior, z)
+        return self.log_weights_at(x, labels, q.rsample((num_samples,)), q, self.prior)
+
+    def log_weights_at(
+        self, x: Tensor, labels: Tensor | None, z: Tensor, q: Distribution, prior: Distribution, *,
+        frozen_decoder: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """log p(x | z_k), log p(z_k) and log q(z_k | x), each (K, B), at codes z (K, B, D); ``frozen_decoder``: the
+        decoder's parameters detached (``decoder_distribution``)."""
+        num_samples = z.shape[0]
+        log_q, log_pz = latent_log_prob(q, z), latent_log_prob(prior, z)
         repeated_labels = None if labels is None else labels.repeat(num_samples)
-        px = self.decoder_distribution(z.flatten(0, 1), repeated_labels)  # batch (K * B,)
+        px = self.decoder_distribution(z.flatten(0, 1), repeated_labels, frozen=frozen_decoder)  # batch (K * B,)
         log_px = px.log_prob(x.repeat(num_samples, *([1] * (x.dim() - 1)))).view(num_samples, -1)
         return log_px, log_pz, log_q
 

@@ -9,7 +9,7 @@ from dgm_lightning.checks import check_choice, check_non_negative, check_positiv
 from dgm_lightning.objectives import Kernel
 from dgm_lightning.priors import check_prior_supports
 
-VAEObjective = Literal["elbo", "iwae", "miwae", "beta_tc", "mmd"]
+VAEObjective = Literal["elbo", "iwae", "miwae", "piwae", "beta_tc", "mmd"]
 VAEPrior = Literal["standard_normal", "mixture", "vamp", "uniform"]
 
 
@@ -33,8 +33,8 @@ def check_objective_settings(
     check_positive_int(training_samples=training_samples, miwae_groups=miwae_groups, dataset_size=dataset_size)
     used_by = {
         "free_bits": (free_bits != 0.0, ("elbo",)),
-        "training_samples": (training_samples != 1, ("iwae", "miwae")),
-        "miwae_groups": (miwae_groups != 1, ("miwae",)),
+        "training_samples": (training_samples != 1, ("iwae", "miwae", "piwae")),
+        "miwae_groups": (miwae_groups != 1, ("miwae", "piwae")),
         "mi_weight": (mi_weight != 1.0, ("beta_tc",)),
         "dim_kl_weight": (dim_kl_weight != 1.0, ("beta_tc",)),
         "dataset_size": (dataset_size is not None, ("beta_tc",)),
@@ -43,21 +43,23 @@ def check_objective_settings(
     }
     for name, (changed, objectives_using) in used_by.items():
         if changed and objective not in objectives_using:
+            *others, last = objectives_using
+            names = f"{', '.join(others)} and {last} objectives" if others else f"{last} objective"
             raise ValueError(
-                f"{name} applies to the {' and '.join(objectives_using)} objective, not to {objective!r}: leave it "
-                f"out, or choose objective={objectives_using[0]!r}"
+                f"{name} applies to the {names}, not to {objective!r}: leave it out, or choose "
+                f"objective={objectives_using[0]!r}"
             )
-    if objective in ("iwae", "miwae") and training_samples == 1:
+    if objective in ("iwae", "miwae", "piwae") and training_samples == 1:
         raise ValueError(
             f"the {objective} objective with training_samples=1 is the ELBO: give it more importance samples per "
             "example, such as training_samples=5 (--model.training_samples 5)"
         )
-    if objective == "miwae" and miwae_groups == 1:
-        raise ValueError("miwae with miwae_groups=1 is the iwae objective: give miwae_groups > 1, or use iwae")
-    if objective == "miwae" and training_samples % miwae_groups:
+    if objective in ("miwae", "piwae") and miwae_groups == 1:
+        raise ValueError(f"{objective} with miwae_groups=1 is the iwae objective: give miwae_groups > 1, or use iwae")
+    if objective in ("miwae", "piwae") and training_samples % miwae_groups:
         raise ValueError(
-            f"miwae splits its training_samples ({training_samples}) into miwae_groups ({miwae_groups}) of equal "
-            "size: give a training_samples that miwae_groups divides"
+            f"{objective} splits its training_samples ({training_samples}) into miwae_groups ({miwae_groups}) of "
+            "equal size: give a training_samples that miwae_groups divides"
         )
 
 

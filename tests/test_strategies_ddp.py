@@ -14,6 +14,7 @@ from tests.helpers import PRINT_IMPORTS, assert_imported_the_tree_under_test, tr
 OPTIONS = {
     "iwae": ["--model.objective", "iwae", "--model.training_samples", "3"],
     "miwae": ["--model.objective", "miwae", "--model.training_samples", "4", "--model.miwae_groups", "2"],
+    "piwae": ["--model.objective", "piwae", "--model.training_samples", "4", "--model.miwae_groups", "2"],
     "beta_tc": ["--model.objective", "beta_tc", "--model.beta", "4"],
     "mmd": ["--model.objective", "mmd", "--model.beta", "0"],
     "mixture": ["--model.prior", "mixture"],

@@ -18,6 +18,7 @@ from dgm_lightning.objectives import (
     miwae_terms,
     mmd,
     mmd_terms,
+    piwae_terms,
 )
 
 DTYPE = torch.float64
@@ -103,6 +104,23 @@ def test_miwae_averages_the_iwae_bounds_of_consecutive_groups_and_lies_between_e
     torch.testing.assert_close(terms["miwae"], by_hand, rtol=0, atol=1e-12)
     # log-mean-exp is at least the mean and at most the log-mean-exp of all samples: true of every draw
     assert terms["elbo"] < terms["miwae"] < terms["iwae"]
+
+
+def test_piwae_is_the_iwae_in_value_and_gives_each_set_of_weights_the_gradient_of_its_own_bound():
+    # two copies of the same log weights, one per set of networks: the loss's gradient in the generative copy is the
+    # IWAE's, in the inference copy the MIWAE's, and its value the IWAE loss
+    leaves = [_rand(6, 4).requires_grad_() for _ in range(3)]
+    copies = [leaf.clone().detach().requires_grad_() for leaf in leaves]
+    for beta in (1.0, 0.5):
+        terms = piwae_terms(tuple(leaves), tuple(copies), num_groups=3, beta=beta)
+        iwae = iwae_terms(*leaves, beta=beta)
+        miwae = miwae_terms(*copies, num_groups=3, beta=beta)
+        torch.testing.assert_close(terms["loss"], iwae["loss"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(terms["miwae"], miwae["miwae"], rtol=0, atol=1e-12)
+        got = torch.autograd.grad(terms["loss"], [*leaves, *copies])
+        expected = torch.autograd.grad(iwae["loss"], leaves) + torch.autograd.grad(miwae["loss"], copies)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
 def test_importance_terms_refuse_bad_shapes_and_groups():

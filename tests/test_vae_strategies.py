@@ -18,6 +18,7 @@ OPTIONS = {
     "elbo": {},
     "iwae": {"training_samples": 4},
     "miwae": {"training_samples": 4, "miwae_groups": 2},
+    "piwae": {"training_samples": 4, "miwae_groups": 2},
     "beta_tc": {"dataset_size": 1000, "beta": 4.0},
     "mmd": {"beta": 0.0},
 }
@@ -70,6 +71,31 @@ def test_the_iwae_objective_is_minus_its_bound_and_lies_above_the_elbo():
     assert iwae > elbo  # the importance-weighted bound is the tighter one
 
 
+@pytest.mark.parametrize("prior", [None, "mixture", "vamp"])
+def test_piwae_trains_the_decoder_and_prior_on_the_iwae_bound_and_the_encoder_on_the_miwae_bound(prior):
+    # the same samples in all three (same seed): each network's gradient is that of its own bound
+    x = images(8).double()
+    settings = {"training_samples": 4} | ({} if prior is None else {"prior": prior, **LEARNED[prior]})
+
+    def gradients(objective: str, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = vae(objective, **{**settings, **kwargs}).double()
+        torch.manual_seed(1)
+        loss = model.objective(x).loss
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters()}
+
+    loss, piwae = gradients("piwae", miwae_groups=2)
+    iwae_loss, iwae = gradients("iwae")
+    _, miwae = gradients("miwae", miwae_groups=2)
+    assert torch.equal(loss, iwae_loss)
+    for name, gradient in piwae.items():
+        # the vamp prior is made by the encoder: the encoder's gradient then holds the prior's share of the iwae's
+        if prior != "vamp" or not name.startswith("encoder"):
+            expected = miwae[name] if name.startswith("encoder") else iwae[name]
+            torch.testing.assert_close(gradient, expected, rtol=1e-9, atol=1e-12, msg=name)
+    assert not torch.allclose(iwae["encoder.1.weight"], miwae["encoder.1.weight"])  # the bounds do differ
+
+
 def test_the_mmd_objective_with_beta_zero_is_reconstruction_plus_weighted_mmd():
     model = vae("mmd", mmd_weight=3.0)
     terms = model.objective(images(16)).terms
@@ -105,14 +131,18 @@ def test_a_batch_of_one_example_trains_on_the_elbo_instead_of_failing(objective)
     "kwargs, message",
     [
         ({"objective": "iwae", "free_bits": 0.5}, "free_bits applies to the elbo objective, not to 'iwae'"),
-        ({"objective": "elbo", "training_samples": 5}, "training_samples applies to the iwae and miwae objective"),
+        (
+            {"objective": "elbo", "training_samples": 5},
+            "training_samples applies to the iwae, miwae and piwae objectives",
+        ),
         ({"objective": "iwae"}, "iwae objective with training_samples=1 is the ELBO"),
         ({"objective": "miwae", "training_samples": 4}, "miwae_groups=1 is the iwae objective"),
         ({"objective": "miwae", "training_samples": 5, "miwae_groups": 2}, "miwae_groups divides"),
+        ({"objective": "piwae", "training_samples": 4}, "piwae with miwae_groups=1 is the iwae objective"),
         ({"objective": "mmd", "mi_weight": 0.5}, "mi_weight applies to the beta_tc objective"),
         ({"objective": "elbo", "mmd_kernel": "rbf"}, "mmd_kernel applies to the mmd objective"),
         ({"objective": "beta_tc", "mmd_weight": 1.0}, "mmd_weight applies to the mmd objective"),
-        ({"objective": "wae"}, "unknown objective 'wae'; choose one of: elbo, iwae, miwae, beta_tc, mmd"),
+        ({"objective": "wae"}, "unknown objective 'wae'; choose one of: elbo, iwae, miwae, piwae, beta_tc, mmd"),
         ({"objective": "mmd", "mmd_kernel": "laplace"}, "unknown mmd_kernel 'laplace'"),
         ({"objective": "beta_tc", "dataset_size": 0}, "dataset_size must be a positive integer"),
     ],

@@ -25,7 +25,7 @@ from dgm_lightning.objectives.elbo import (
     reconstruction_distribution,
 )
 from dgm_lightning.objectives.gan import GANLoss, discriminator_loss, generator_loss, gradient_penalty, r1_penalty
-from dgm_lightning.objectives.importance import iwae_terms, miwae_terms
+from dgm_lightning.objectives.importance import iwae_terms, miwae_terms, piwae_terms
 from dgm_lightning.objectives.mmd import Kernel, mmd, mmd_terms
 from dgm_lightning.objectives.objective import Objective
 from dgm_lightning.objectives.total_correlation import TCEstimator, beta_tc_terms
@@ -51,6 +51,7 @@ __all__ = [
     "mmd",
     "mmd_terms",
     "mutual_information",
+    "piwae_terms",
     "r1_penalty",
     "reconstruction_distribution",
 ]

@@ -73,8 +73,7 @@ def miwae_terms(
     trade a looser bound for a better-trained encoder at the same S. M = 1 is the IWAE with S samples, M = S the
     ELBO averaged over S samples. Groups are consecutive blocks of the sample axis (the samples are i.i.d., so any
     split would do). ``beta`` enters each log weight as in ``iwae_terms``.
-    PIWAE (the IWAE for the decoder, MIWAE for the encoder) is not offered: it needs different losses for the two
-    networks' parameters, i.e. two backward passes or optimizers, which a function of tensors cannot give.
+    PIWAE (the IWAE for the decoder, MIWAE for the encoder) is ``piwae_terms``.
 
     Args:
         log_px, log_pz, log_q: as in ``iwae_terms``, shape (S, B).
@@ -101,3 +100,40 @@ def miwae_terms(
         "reconstruction": log_px.mean(),
         "kl": kl.mean(),
     }
+
+
+def piwae_terms(
+    generative: tuple[Tensor, Tensor, Tensor],
+    inference: tuple[Tensor, Tensor, Tensor],
+    *,
+    num_groups: int,
+    beta: float = 1.0,
+) -> dict[str, Tensor]:
+    """The PIWAE objective: the generative networks (decoder, prior) trained on the IWAE bound of all S samples, the
+    inference network (encoder) on MIWAE(M, S / M) of the same samples.
+
+    Rainforth et al. show the IWAE's gradient growing more informative with S for the generative networks and less
+    for the inference network; PIWAE gives each the bound that suits it. Two losses for two sets of parameters in
+    one backward pass: each is computed where only its own networks carry gradients, so the caller passes the log
+    weights twice, and the loss is the IWAE loss plus the MIWAE loss minus its detached value (zero in value, the
+    MIWAE's gradient in the encoder). The logged ``loss`` is so the IWAE loss, as for ``iwae_terms``.
+
+    Args:
+        generative: (log_px, log_pz, log_q), each (S, B), with the encoder held fixed (samples and log q detached):
+            their gradients reach the decoder and a learned prior only.
+        inference: the same, with the decoder and prior held fixed (their parameters detached) and the samples
+            reparameterised: their gradients reach the encoder only.
+        num_groups: M, which must divide S.
+        beta: weight of the KL part of the log weights, in both bounds (see ``iwae_terms``).
+
+    Returns:
+        ``loss``, and ``iwae``, ``elbo``, ``reconstruction``, ``kl`` as in ``iwae_terms``, and ``miwae`` (the encoder's
+        bound, beta = 1).
+
+    References: Rainforth et al. 2018, arXiv:1802.04537; Burda et al. 2015, arXiv:1509.00519.
+    """
+    terms = iwae_terms(*generative, beta=beta)
+    encoder = miwae_terms(*inference, num_groups=num_groups, beta=beta)
+    terms["loss"] = terms["loss"] + (encoder["loss"] - encoder["loss"].detach())
+    terms["miwae"] = encoder["miwae"].detach()
+    return terms
