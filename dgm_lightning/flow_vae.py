@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 from torch.distributions import Normal
 
 from dgm_lightning import objectives
-from dgm_lightning.checks import check_positive_int
+from dgm_lightning.checks import check_choice, check_positive_int
 from dgm_lightning.nets.flow_layers import planar_flow
 from dgm_lightning.objectives import Objective
+from dgm_lightning.posteriors import latent_log_prob
 from dgm_lightning.vae import STRATEGY_SETTINGS, VAE
+
+# the vamp prior is a mixture of the model's posteriors, which for a FlowVAE have no density in closed form
+FlowVAEPrior = Literal["standard_normal", "mixture"]
 
 
 class FlowVAE(VAE):
@@ -22,13 +26,17 @@ class FlowVAE(VAE):
     of each of the ``num_flows`` planar flows for this x: ``2 * latent_dim + num_flows * (2 * latent_dim + 1)``
     numbers. log q(z_K | x) = log q_0(z_0 | x) - sum_k log |det df_k/dz|. The metrics are the VAE's
     (``elbo``, ``reconstruction``, ``kl``, ``test/nll`` by IWAE), so the two compare directly; ``kl`` is
-    the Monte Carlo estimate log q(z_K | x) - log p(z_K), one sample per example (it has no closed form).
+    the Monte Carlo estimate log q(z_K | x) - log p(z_K), one sample per example (it has no closed form), so the
+    prior can be the VAE's learned ``mixture`` as well as the standard normal.
     With ``num_flows = 0`` the model is a VAE with a Monte Carlo KL: the same ELBO in expectation.
     The invertibility constraint of planar flows moves u by about 1 / |w| when |w| is near 0, so with a very
     small latent_dim (1 or 2) an unlucky initialisation can start with large shifts.
 
     Args:
         num_flows: number of planar flows K.
+        prior: ``standard_normal`` or ``mixture``, a learned mixture of ``mixture_components`` diagonal Gaussians (as
+            in ``VAE``; its vamp prior is a mixture of posteriors, which have no closed-form density here).
+        mixture_components: components of the ``mixture`` prior.
         beta, iwae_samples: as in ``VAE``; free bits are not offered, as the Monte Carlo KL has no per-dimension
             split.
         settings: see ``LatentVariableModel``.
@@ -37,23 +45,29 @@ class FlowVAE(VAE):
     """
 
     def __init__(
-        self, latent_dim: int = 16, *, num_flows: int = 4, beta: float = 1.0, iwae_samples: int = 100,
-        **settings: Any,
+        self, latent_dim: int = 16, *, num_flows: int = 4, prior: FlowVAEPrior = "standard_normal",
+        mixture_components: int = 10, beta: float = 1.0, iwae_samples: int = 100, **settings: Any,
     ) -> None:  # fmt: skip
         if not isinstance(num_flows, int) or num_flows < 0:
             raise ValueError(f"num_flows must be an integer >= 0, got {num_flows!r}")
+        if prior == "vamp":
+            raise ValueError(
+                "the vamp prior is the mixture of the model's posteriors at its pseudo-inputs, and a FlowVAE's "
+                "posterior (planar flows) has no density in closed form there: use prior mixture or standard_normal"
+            )
+        check_choice("prior", prior, FlowVAEPrior)
         self.num_flows = num_flows  # read by encoder_out_dim while the base class builds the encoder
         # settings: those of LatentVariableModel, declared there once (see AE)
         # its objective is its own ELBO and its posterior its own: the VAE's settings of both are fixed here, so
         # neither Python nor the command line offers them (jsonargparse leaves out of **settings what a call names)
         super().__init__(
-            latent_dim, objective="elbo", posterior="gaussian", prior="standard_normal", mixture_components=10,
+            latent_dim, objective="elbo", posterior="gaussian", prior=prior, mixture_components=mixture_components,
             pseudo_inputs=500, beta=beta, free_bits=0.0, training_samples=1,
             miwae_groups=1, mi_weight=1.0, dim_kl_weight=1.0, dataset_size=None, mmd_weight=10.0, mmd_kernel="imq",
             iwae_samples=iwae_samples, **settings,
         )  # fmt: skip
         # nor are they hyperparameters of a FlowVAE: dropped, or load_from_checkpoint would pass them back
-        for name in STRATEGY_SETTINGS:
+        for name in set(STRATEGY_SETTINGS) - {"prior", "mixture_components"}:
             self.hparams.pop(name, None)
 
     @property
@@ -98,7 +112,7 @@ class FlowVAE(VAE):
         z0 = q0.rsample((num_samples,))  # (S, B, D)
         z, logdet = self.apply_flows(z0, params)
         log_q = q0.log_prob(z0).sum(-1) - logdet
-        log_pz = self.prior.log_prob(z).sum(-1)
+        log_pz = latent_log_prob(self.prior, z)
         repeated_labels = None if labels is None else labels.repeat(num_samples)
         px = self.decoder_distribution(z.flatten(0, 1), repeated_labels)  # batch (S * B,)
         log_px = px.log_prob(x.repeat(num_samples, *([1] * (x.dim() - 1)))).view(num_samples, -1)

@@ -124,3 +124,52 @@ def test_trains_tests_with_the_vae_metric_names_and_reloads(tmp_path):
 def test_bad_num_flows_fails_clearly():
     with pytest.raises(ValueError, match="num_flows must be an integer >= 0"):
         FlowVAE(num_flows=-1, **DIGITS)
+
+
+def test_a_learned_mixture_prior_enters_the_kl_and_the_samples_and_gets_gradients():
+    torch.manual_seed(0)
+    model = FlowVAE(latent_dim=3, num_flows=2, prior="mixture", mixture_components=4, **DIGITS).double()
+    x = images(8).double()
+    torch.manual_seed(1)
+    log_px, log_pz, log_q = model.log_weights(x, None, 5)
+    torch.manual_seed(1)
+    q0, params = model.posterior_and_flows(x)
+    z, _ = model.apply_flows(q0.rsample((5,)), params)
+    torch.testing.assert_close(log_pz, model.learned_prior.distribution().log_prob(z), rtol=0, atol=1e-12)
+    model.objective(x).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.learned_prior.parameters())
+    assert model.noise_shape == (4,)  # one more coordinate picks the component
+    components = model.learned_prior.distribution().component_distribution.base_dist
+    codes = model.codes_from_noise(torch.zeros(1, 4, dtype=torch.float64))
+    assert any(torch.allclose(codes[0], loc) for loc in components.loc)  # zero noise: a component's mean
+    assert model.sample(6).shape == (6, 1, 8, 8)
+
+
+def test_a_mixture_prior_flow_vae_resumes_and_loads_with_its_prior(tmp_path):
+    from dgm_lightning.cli import main
+
+    flags = ["--config", "flowvae_digits", "--model.prior", "mixture", "--model.mixture_components", "3",
+             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+             "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cli = main(["fit", *flags, "--trainer.max_epochs", "1"])
+    resumed = main(
+        ["fit", *flags, "--trainer.max_epochs", "2", "--ckpt_path", cli.trainer.checkpoint_callback.last_model_path]
+    )
+    assert resumed.trainer.current_epoch == 2
+    loaded = FlowVAE.load_from_checkpoint(resumed.trainer.checkpoint_callback.last_model_path, weights_only=True)
+    assert loaded.hparams.prior == "mixture"
+    for key, value in resumed.model.learned_prior.state_dict().items():
+        assert torch.equal(loaded.learned_prior.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prior": "vamp"}, "a FlowVAE's posterior .* has no density in closed form"),
+        ({"prior": "uniform"}, "unknown prior 'uniform'; choose one of: standard_normal, mixture"),
+        ({"mixture_components": 3}, "mixture_components applies to the mixture prior"),
+    ],
+)
+def test_a_prior_a_flow_vae_cannot_take_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FlowVAE(latent_dim=3, **DIGITS, **kwargs)

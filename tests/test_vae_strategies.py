@@ -342,6 +342,7 @@ EVERY_OPTION = {
     **{f"posterior={name}": {"posterior": name} for name in SPHERICAL},
     "conditional, mixture prior": {"prior": "mixture", "num_classes": 3},
     "conditional, von_mises_fisher": {"posterior": "von_mises_fisher", "num_classes": 3},
+    "FlowVAE, mixture prior": {"family": FlowVAE, "prior": "mixture", "num_flows": 2},
 }
 
 
@@ -353,7 +354,8 @@ def option_batches(settings: dict, x: torch.Tensor) -> DataLoader:
 @pytest.mark.parametrize("settings", EVERY_OPTION.values(), ids=EVERY_OPTION.keys())
 def test_every_option_trains_under_bf16_and_skips_a_nonfinite_batch_without_touching_the_weights(settings):
     torch.manual_seed(0)
-    model = VAE(**SMALL, **settings)
+    settings = dict(settings)
+    model = settings.pop("family", VAE)(**SMALL, **settings)
     before = [p.detach().clone() for p in model.parameters()]
     x = images(16)
     x[:8] = float("nan")  # the first of two batches: skipped; the second trains
