@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,14 @@ from dgm_lightning import VAE, Classifier  # noqa: E402
 from dgm_lightning.objectives import active_units  # noqa: E402
 
 QUICK = Budget(epochs=1, train_batches=20, test_images=500, iwae_samples=20)
-FULL = Budget(epochs=1, train_batches=None, test_images=2000, iwae_samples=100)
+FULL = Budget(epochs=5, train_batches=None, test_images=2000, iwae_samples=100)
 
 # (name, the VAE's settings): each option of the strategy space against the default, the rest left at its default
 STRATEGIES: list[tuple[str, dict[str, Any]]] = [
     ("elbo (default)", {}),
     ("iwae, K = 5", {"objective": "iwae", "training_samples": 5}),
     ("miwae, 2 x 4", {"objective": "miwae", "training_samples": 8, "miwae_groups": 2}),
+    ("piwae, 2 x 4", {"objective": "piwae", "training_samples": 8, "miwae_groups": 2}),
     ("beta_tc, beta 6", {"objective": "beta_tc", "beta": 6.0}),
     ("mmd (WAE), beta 0", {"objective": "mmd", "beta": 0.0}),
     ("mmd (InfoVAE), beta 1", {"objective": "mmd"}),
@@ -117,11 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"budget: {QUICK.describe()}")
     parser.add_argument("--no-geometry", action="store_true", help="leave out the latent_dim 2/5/10 comparison")
+    parser.add_argument("--epochs", type=int, help=f"epochs of the budget instead of its own ({FULL.epochs} full)")
     parser.add_argument("--data-dir", default=str(FASHION_MNIST))
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
-    results = {"machine": machine(), **run(args.data_dir, QUICK if args.quick else FULL, not args.no_geometry)}
+    budget = QUICK if args.quick else FULL
+    budget = budget if args.epochs is None else replace(budget, epochs=args.epochs)
+    results = {"machine": machine(), **run(args.data_dir, budget, not args.no_geometry)}
     if args.json:
         write_json(results, Path(args.json))
     return results
