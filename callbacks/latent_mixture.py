@@ -15,7 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from dgm_lightning.checks import check_choice, check_positive_int
-from dgm_lightning.priors import Covariance, FittedMixture
+from dgm_lightning.fitted_mixture import Covariance, FittedMixture
 
 
 class FitLatentMixture(Callback):

@@ -16,10 +16,10 @@ from dgm_lightning import objectives
 from dgm_lightning.base import GenerativeModel
 from dgm_lightning.checks import check_choice, check_positive, check_positive_int
 from dgm_lightning.compat import attached_trainer
+from dgm_lightning.fitted_mixture import FittedMixture, mixture_codes
 from dgm_lightning.nets import build_decoder, build_encoder
 from dgm_lightning.objectives import Likelihood, Objective
 from dgm_lightning.optimizers import check_injected
-from dgm_lightning.priors import FittedMixture
 
 Architecture = Literal["mlp", "conv"]
 LatentSampler = Literal["prior", "fitted_mixture"]
@@ -268,14 +268,3 @@ class LatentVariableModel(GenerativeModel):
             "reconstructions": self.reconstruct(x, labels=labels),
             "samples": self.sample(x.shape[0], labels=labels),
         }
-
-
-def mixture_codes(mixture: FittedMixture, noise: Tensor) -> Tensor:
-    """Codes (B, latent_dim) from standard normal noise (B, latent_dim + 1), reparameterised like a learned prior's:
-    the component whose share of the cumulative weights holds the normal CDF of the first coordinate, at its mean
-    plus its Cholesky factor times the rest (zero noise: the component that holds the median, at its mean)."""
-    cumulative = mixture.weights.cumsum(0)
-    index = torch.searchsorted(cumulative, torch.special.ndtr(noise[:, 0]).to(cumulative).contiguous())
-    index = index.clamp(max=cumulative.shape[0] - 1)  # rounding can leave the last cumulative weight < 1
-    rest = noise[:, 1:].to(mixture.means)[:, :, None]  # (B, latent_dim, 1)
-    return (mixture.means[index] + (mixture.scale_tril[index] @ rest).squeeze(-1)).to(noise.dtype)

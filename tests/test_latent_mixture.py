@@ -17,7 +17,7 @@ from callbacks import FitLatentMixture
 from dgm_lightning import AE, GAN, VAE
 from dgm_lightning.cli import main
 from dgm_lightning.export import METADATA_FILE, export_sampler
-from dgm_lightning.priors import FittedMixture
+from dgm_lightning.fitted_mixture import FittedMixture
 from tests.helpers import PRINT_IMPORTS, assert_imported_the_tree_under_test, images, trainer, tree_under_test_env
 
 IMAGES = dict(data_shape=(1, 8, 8), hidden_dims=[16])

@@ -12,8 +12,8 @@ from torch.distributions import Normal
 from torch.nn import functional as F
 
 from dgm_lightning.checks import choices
+from dgm_lightning.fitted_mixture import FittedMixture
 from dgm_lightning.priors import (
-    FittedMixture,
     MixturePrior,
     Prior,
     StandardNormalPrior,
