@@ -62,6 +62,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         val_fraction: float = 0.1,
         value_range: tuple[float, float] = (0.0, 1.0),
         split_seed: int = 0,
+        binarize: bool = False,
         on_device: bool = False,
         num_workers: int = 0,
     ) -> None:
@@ -70,6 +71,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
             val_fraction=val_fraction,
             value_range=value_range,
             split_seed=split_seed,
+            binarize=binarize,
             on_device=on_device,
             num_workers=num_workers,
         )
