@@ -3,6 +3,7 @@
 from dgm_lightning.autoencoder import AE
 from dgm_lightning.base import GenerativeModel
 from dgm_lightning.classifier import Classifier
+from dgm_lightning.code_prior import VQVAEPrior
 from dgm_lightning.flow import Flow
 from dgm_lightning.flow_vae import FlowVAE
 from dgm_lightning.gan import GAN
@@ -10,6 +11,7 @@ from dgm_lightning.latent_variable import LatentVariableModel
 from dgm_lightning.recurrent_vae import RecurrentVAE
 from dgm_lightning.vae import VAE
 from dgm_lightning.vocabulary import Vocabulary
+from dgm_lightning.vqvae import VQVAE
 
 __all__ = [
     "AE",
@@ -22,5 +24,7 @@ __all__ = [
     "RecurrentVAE",
     "VAE",
     "Vocabulary",
+    "VQVAE",
+    "VQVAEPrior",
 ]
 __version__ = "0.1.0"

@@ -178,7 +178,15 @@ class DataChecks:
         return self.value_range
 
     def value_range_advice(self) -> str:
-        """What to do about data outside the value range: the end of that error message."""
+        """What to do about data outside the value range: the end of that error message (a family with a Bernoulli
+        likelihood, ``likelihood``, can only take (0, 1))."""
+        likelihood = getattr(self, "likelihood", None)
+        if likelihood in ("bernoulli", "continuous_bernoulli"):
+            return (
+                f"the {likelihood} likelihood models values in (0, 1): map the data into (0, 1), or use a gaussian "
+                'likelihood with the range of the data (likelihood="gaussian", value_range=(low, high) in Python; '
+                '--model.likelihood gaussian --model.value_range "[low, high]" on the command line)'
+            )
         return (
             "map the data into that range, or give the model the range of the data: value_range=(low, high) in "
             'Python, --model.value_range "[low, high]" on the command line'

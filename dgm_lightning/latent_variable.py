@@ -221,15 +221,6 @@ class LatentVariableModel(GenerativeModel):
             raise ValueError(f"the decoder must output shape (B, {self.data_shape}), got {tuple(params.shape)}")
         return objectives.reconstruction_distribution(self.likelihood, params, log_scale=log_scale)
 
-    def value_range_advice(self) -> str:
-        if self.likelihood in ("bernoulli", "continuous_bernoulli"):
-            return (
-                f"the {self.likelihood} likelihood models values in (0, 1): map the data into (0, 1), or use a "
-                'gaussian likelihood with the range of the data (likelihood="gaussian", value_range=(low, high) in '
-                'Python; --model.likelihood gaussian --model.value_range "[low, high]" on the command line)'
-            )
-        return super().value_range_advice()
-
     # -- Lightning hooks -----------------------------------------------------------------------
 
     @override

@@ -130,3 +130,40 @@ def read_image(path) -> torch.Tensor:
     with Image.open(path) as image:
         array = np.array(image)
     return torch.from_numpy(array).unsqueeze(0) if array.ndim == 2 else torch.from_numpy(array).permute(2, 0, 1)
+
+
+def write_cifar(folder, n_per_batch: int = 6) -> None:
+    """The python-version CIFAR-10 batches: pickled dicts with bytes keys, rows of 3072 uint8 (R, G, B planes)."""
+    import pickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = torch.randint(0, 256, (n_per_batch, 3072), dtype=torch.uint8, generator=generator).numpy()
+        batch = {b"batch_label": name.encode(), b"labels": [i % 10 for i in range(n_per_batch)], b"data": data}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def stand_in_flags(recipe: Path, folder: Path) -> list[str]:
+    """The flags that let a recipe run on stand-ins: tiny copies of its dataset's files, and for a VQ-VAE prior's
+    recipe (which needs a trained VQ-VAE) a checkpoint of its first stage's recipe, trained for one step."""
+    from dgm_lightning.cli import DGMCLI
+
+    text = recipe.read_text()
+    flags: list[str] = []
+    if "data_dir:" in text:
+        if "CIFAR10DataModule" in text:
+            write_cifar(folder / "data")
+        else:
+            write_idx_files(folder / "data")  # tiny stand-ins for the dataset's original files
+        flags += ["--data.data_dir", str(folder / "data")]
+    if recipe.stem.startswith("vqvae_prior_"):
+        first_stage = recipe.with_name(recipe.name.replace("vqvae_prior_", "vqvae_"))
+        cli = DGMCLI(args=["--config", str(first_stage), "--trainer.logger", "false", *flags], run=False)
+        run = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        run.fit(cli.model, datamodule=cli.datamodule)
+        run.save_checkpoint(folder / "vqvae.ckpt")
+        flags += ["--model.vqvae_checkpoint", str(folder / "vqvae.ckpt")]
+    return flags

@@ -97,3 +97,18 @@ def test_the_strategies_script_writes_one_row_per_option(tmp_path):
         assert positive(row["test_iwae_nll_nats"]) and row["test_elbo_nats"] < 0 < row["s_per_epoch"]
         assert row["test_elbo_nats"] <= -row["test_iwae_nll_nats"] + 1.0  # the ELBO is the looser bound
         assert positive(row["fid"]) and 0 <= row["active_units"] <= 16
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_the_vqvae_script_compares_both_stages_with_the_vae(tmp_path):
+    out = tmp_path / "vqvae.json"
+    run_script("vqvae.py", "--quick", "--json", str(out), "--png", str(tmp_path / "grid.png"), cwd=tmp_path,
+               timeout=10 * 60)  # fmt: skip
+    results = json.loads(out.read_text())["vqvae"]
+    vae, first, both = results["VAE"], results["VQ-VAE, uniform prior"], results["VQ-VAE + PixelCNN prior"]
+    for row in (vae, first, both):
+        assert positive(row["squared_error"]) and positive(row["fid"]) and row["elbo"] < 0 < row["train_s"]
+    assert 1 <= first["perplexity"] <= 128 and 0 < first["codes_used"] <= 1
+    assert both["elbo"] > first["elbo"]  # a learned prior beats the uniform one on the same codes
+    assert (tmp_path / "grid.png").is_file()

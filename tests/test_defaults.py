@@ -16,8 +16,7 @@ from torch import nn
 
 from datamodules import CIFAR10DataModule, DigitsDataModule, SequentialImageDataModule
 from dgm_lightning import AE, GAN, VAE, Classifier, Flow, FlowVAE, RecurrentVAE
-from tests.helpers import trainer
-from tests.test_image_datasets import write_cifar
+from tests.helpers import trainer, write_cifar
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -34,6 +34,7 @@ RECIPES = {
     "flowvae": "flowvae_digits",
     "rvae": "rvae_digits_rows",
     "classifier": "classifier_digits",
+    "vqvae": "vqvae_digits",
 }
 SMALL = [
     "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2", "--trainer.logger", "false",
@@ -225,7 +226,8 @@ def test_a_nan_in_evaluation_data_is_named(family, tmp_path):
 
 @pytest.mark.parametrize("family", RECIPES)
 def test_a_non_positive_learning_rate_or_size_is_named_by_every_family(family):
-    size = {"flow": "--model.num_steps", "classifier": "--model.feature_dim"}.get(family, "--model.latent_dim")
+    sizes = {"flow": "--model.num_steps", "classifier": "--model.feature_dim", "vqvae": "--model.num_embeddings"}
+    size = sizes.get(family, "--model.latent_dim")
     with pytest.raises(ValueError, match="must be (> 0|a positive integer)"):
         DGMCLI(args=["--config", str(CONFIGS / f"{RECIPES[family]}.yaml"), size, "0"], run=False)
     # the optimizer is built when training starts, on the model's parameters: refused then, before any step

@@ -9,18 +9,7 @@ import torch
 
 from datamodules import CelebADataModule, CIFAR10DataModule, ImageFolderDataModule
 from dgm_lightning import VAE
-from tests.helpers import trainer, write_image
-
-
-def write_cifar(folder, n_per_batch: int = 6) -> None:
-    """The python-version CIFAR-10 batches: pickled dicts with bytes keys, rows of 3072 uint8 (R, G, B planes)."""
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = torch.randint(0, 256, (n_per_batch, 3072), dtype=torch.uint8, generator=generator).numpy()
-        batch = {b"batch_label": name.encode(), b"labels": [i % 10 for i in range(n_per_batch)], b"data": data}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+from tests.helpers import trainer, write_cifar, write_image
 
 
 def test_cifar10_from_the_original_batches(tmp_path):

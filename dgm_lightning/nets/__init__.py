@@ -30,7 +30,10 @@ from dgm_lightning.nets.gan_nets import (
     build_discriminator,
     build_generator,
 )
+from dgm_lightning.nets.pixelcnn import GatedPixelCNN
+from dgm_lightning.nets.quantizer import VectorQuantizer
 from dgm_lightning.nets.sequence_nets import SequenceDecoder, SequenceEncoder
+from dgm_lightning.nets.vqvae_nets import GridDecoder, GridEncoder
 
 __all__ = [
     "ActNorm",
@@ -59,4 +62,8 @@ __all__ = [
     "build_generator",
     "SequenceDecoder",
     "SequenceEncoder",
+    "GatedPixelCNN",
+    "GridDecoder",
+    "GridEncoder",
+    "VectorQuantizer",
 ]
