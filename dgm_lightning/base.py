@@ -297,7 +297,9 @@ class GenerativeModel(DataChecks, L.LightningModule):
         self._check_resumed_settings(checkpoint.get("hyper_parameters", {}))
         states = checkpoint.get("rng_states")
         if states is not None and self.trainer.global_rank < states.shape[0]:
-            torch.set_rng_state(states[self.trainer.global_rank])
+            # a copy: torch.set_rng_state crashes the process (segfault, torch 2.14) on a row of the gathered states
+            # that does not start its storage, i.e. every rank but the first
+            torch.set_rng_state(states[self.trainer.global_rank].clone())
 
     def _check_resumed_settings(self, saved: dict) -> None:
         """Refuse to resume a run with other model settings than it was trained with: the result would be

@@ -104,3 +104,34 @@ def test_only_rank_zero_writes_the_run(family, ddp_runs):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     if family not in ("rvae", "classifier"):  # the models that draw images
         assert list(run.glob("**/*.png"))
+
+
+RESUME_RANK_SCRIPT = """
+from types import SimpleNamespace
+
+import torch
+
+from dgm_lightning import VAE
+
+model = VAE(latent_dim=2, data_shape=(1, 8, 8), hidden_dims=[8])
+states = []
+for seed in (0, 1):  # as a checkpoint holds them: one row per rank, gathered
+    torch.manual_seed(seed)
+    states.append(torch.get_rng_state())
+model._trainer = SimpleNamespace(global_rank=1)  # the second rank of a resumed DDP run
+model.on_load_checkpoint({"hyper_parameters": dict(model.hparams), "rng_states": torch.stack(states)})
+torch.save(torch.rand(3), "resumed.pt")
+"""
+
+
+def test_the_second_rank_of_a_ddp_run_resumes_its_own_random_state(tmp_path):
+    # in a process of its own: restoring a row of the gathered states as it is crashed the process (a segfault in
+    # torch.set_rng_state), so every DDP resume, and the test of the best checkpoint after a DDP fit, died on rank 1
+    (tmp_path / "resume_rank.py").write_text(RESUME_RANK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "resume_rank.py"], cwd=tmp_path, env=tree_under_test_env(), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    torch.manual_seed(1)
+    assert torch.equal(torch.load(tmp_path / "resumed.pt"), torch.rand(3))  # rank 1's stream, not rank 0's
