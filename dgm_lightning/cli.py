@@ -2,7 +2,8 @@
 
 ``python train.py`` (no arguments) fits and tests the default recipe; ``fit``/``validate``/``test``/``predict`` are
 LightningCLI (``python train.py fit --config vae_digits --model.latent_dim 32``); ``recipes`` lists the shipped
-recipes and ``export`` exports a checkpoint's sampler. The installed ``dgm-lightning`` command is the same.
+recipes, ``export`` exports a checkpoint's sampler and ``study`` runs and reports strategy studies
+(``dgm_lightning.studies``). The installed ``dgm-lightning`` command is the same.
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ def main(args: list[str] | None = None) -> DGMCLI | None:
     - no arguments, or only options (``--trainer.max_epochs 5``): the default job, fit then test the default
       recipe with those options on top;
     - ``fit``, ``validate``, ``test``, ``predict``: LightningCLI; ``--config NAME`` names a shipped recipe;
-    - ``recipes``: list the shipped recipes; ``export CHECKPOINT --out FOLDER``: export its sampler.
+    - ``recipes``: list the shipped recipes; ``export CHECKPOINT --out FOLDER``: export its sampler;
+    - ``study run|report|list|sweep``: strategy studies (``dgm_lightning.studies``, needs ``.[study]``).
 
     The job's W&B run is finished at the end: Lightning's WandbLogger would otherwise log a next job in the same
     process (a notebook, a sweep, DDP tests) into this run.
@@ -373,6 +375,11 @@ def main(args: list[str] | None = None) -> DGMCLI | None:
         return None
     if command_line[:1] == ["export"]:
         export_main(command_line[1:])
+        return None
+    if command_line[:1] == ["study"]:
+        from dgm_lightning.studies.command import main as study_main  # here: Optuna is an optional dependency
+
+        study_main(command_line[1:])
         return None
     subcommand = bool(command_line) and not command_line[0].startswith("-")
     default_job = not subcommand and not {"-h", "--help"} & set(command_line)

@@ -1,5 +1,5 @@
-"""The private APIs of Lightning, its loggers and torch that dgm-lightning relies on, in one place, each covered by a
-test (tests/test_compat.py) so that a release that changes one fails there, by name."""
+"""The private APIs of Lightning, its loggers, torch and Optuna that dgm-lightning relies on, in one place, each
+covered by a test (tests/test_compat.py) so that a release that changes one fails there, by name."""
 
 from __future__ import annotations
 
@@ -50,3 +50,10 @@ def is_batch_norm(module: nn.Module) -> bool:
     """Whether a module is a batch-norm layer of any dimension (lazy and synchronised ones included): torch's common
     base class of them, ``_BatchNorm``, is private."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def optuna_trial_id(trial) -> int:
+    """The storage's id of an Optuna trial (not its number within the study), by which a trial's own process rebuilds
+    it, ``optuna.trial.Trial(study, trial_id)``, to report to it: Optuna keeps it in the private ``_trial_id``.
+    (``trial``: an ``optuna.Trial``; Optuna is an optional dependency, so it is not imported here.)"""
+    return trial._trial_id

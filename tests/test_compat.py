@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
@@ -13,6 +14,7 @@ from dgm_lightning.compat import (
     find_unused_parameters,
     is_batch_norm,
     logs_this_step,
+    optuna_trial_id,
 )
 
 
@@ -69,3 +71,13 @@ def test_is_batch_norm_knows_every_batch_norm_and_nothing_else():
         assert is_batch_norm(layer)
     for layer in (nn.LayerNorm(3), nn.InstanceNorm2d(3), nn.GroupNorm(1, 3), nn.Linear(3, 3)):
         assert not is_batch_norm(layer)
+
+
+def test_an_optuna_trials_storage_id_rebuilds_the_trial_in_another_process_s_study():
+    optuna = pytest.importorskip("optuna")
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage)
+    study.ask()
+    trial = study.ask()  # the second: its id and number could differ in another storage
+    same_study = optuna.load_study(study_name=study.study_name, storage=storage)
+    assert optuna.trial.Trial(same_study, optuna_trial_id(trial)).number == trial.number == 1
