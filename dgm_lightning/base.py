@@ -19,7 +19,7 @@ from dgm_lightning.checkpoint_io import check_checkpoint_file
 from dgm_lightning.compat import attached_trainer, logs_this_step, restricted_classmethod
 from dgm_lightning.data_checks import DataChecks
 from dgm_lightning.objectives import Objective
-from dgm_lightning.optimizers import optimizer_config, trainable_parameters
+from dgm_lightning.optimizers import fusable, optimizer_config, trainable_parameters
 
 
 def comparable_settings(hparams: Mapping) -> dict:
@@ -100,7 +100,7 @@ class GenerativeModel(DataChecks, L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """The injected ``optimizer`` over the trainable parameters, and ``lr_scheduler`` when given: the families
         with one optimizer set both attributes from their arguments (``dgm_lightning.optimizers``)."""
-        return optimizer_config(trainable_parameters(self), self.optimizer, self.lr_scheduler)
+        return optimizer_config(trainable_parameters(self), self.optimizer, self.lr_scheduler, fused=fusable(self))
 
     # -- the steps of a family with one objective -------------------------------------------------
 

@@ -278,11 +278,12 @@ class GAN(GenerativeModel):
         """The generator's optimizer, then the discriminator's (``self.optimizers()`` in that order), each with its
         scheduler where one is given."""
         params_g, params_d = (optimizers.trainable_parameters(net) for net in (self.generator, self.discriminator))
+        fused = optimizers.fusable(self)
         return [
             optimizers.optimizer_config(params_g, self.optimizer_g, epoch_scheduler(self.lr_scheduler_g),
-                                        default=GeneratorAdam, name="optimizer_g"),
+                                        default=GeneratorAdam, name="optimizer_g", fused=fused),
             optimizers.optimizer_config(params_d, self.optimizer_d, epoch_scheduler(self.lr_scheduler_d),
-                                        default=DiscriminatorAdam, name="optimizer_d"),
+                                        default=DiscriminatorAdam, name="optimizer_d", fused=fused),
         ]  # fmt: skip
 
     @override
