@@ -209,6 +209,12 @@ class VQVAE(GenerativeModel):
         good samples train ``VQVAEPrior``); ``temperature`` 0 decodes code 0 everywhere."""
         check_positive_int(n=n)
         self.check_labels(labels, n)
+        # said once per process (Python shows a repeated warning once): image callbacks and metrics call this too
+        rank_zero_warn(
+            f"{type(self).__name__}.sample decodes codes drawn uniformly, the prior of this first stage, which the "
+            "decoder does not turn into images: for samples, train its prior (dgm_lightning.VQVAEPrior, "
+            "configs/vqvae_prior_*.yaml) and sample from that"
+        )
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number >= 0 (0 gives a fixed code), got {temperature}")
         shape = (n, *self.grid_shape)
