@@ -371,3 +371,30 @@ def test_a_prior_recipe_trains_on_the_checkpoint_of_its_first_stage(tmp_path):
     assert isinstance(cli.model, VQVAEPrior) and cli.trainer.global_step == 2
     assert cli.model.hparams.vqvae_settings["num_embeddings"] == 32  # the first stage's, not the prior's settings
     assert "val/bpd" in cli.trainer.callback_metrics and "val/elbo" in cli.trainer.callback_metrics
+
+
+def test_the_two_stage_model_gets_the_image_grids_the_offline_fid_and_predictions_of_the_other_families(tmp_path):
+    from dgm_lightning import Classifier
+    from dgm_lightning.cli import main
+
+    classifier = tmp_path / "classifier.ckpt"  # trained for a step: its features make a FID all the same
+    run = trainer(max_steps=1)
+    labelled = TensorDataset(images(16, SHAPE), torch.arange(16) % 10)
+    run.fit(Classifier(10, data_shape=SHAPE, feature_dim=8, hidden_dims=[4, 8]), DataLoader(labelled, batch_size=8))
+    run.save_checkpoint(classifier)
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "vqvae_prior_digits.yaml"
+    flags = [*stand_in_flags(recipe, tmp_path), "--trainer.logger", "false", "--trainer.enable_progress_bar",
+             "false", "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    metrics = ["--trainer.callbacks+=callbacks.GenerativeMetrics", "--trainer.callbacks.metrics", "[fid]",
+               "--trainer.callbacks.classifier_checkpoint", str(classifier), "--trainer.callbacks.num_samples", "40",
+               "--trainer.callbacks+=callbacks.ImageLogger", "--trainer.callbacks.every_n_epochs", "1"]  # fmt: skip
+    cli = main(["fit", "--config", str(recipe), *flags, *metrics, "--trainer.max_epochs", "1",
+                "--trainer.limit_train_batches", "2"])  # fmt: skip
+    assert cli.trainer.callback_metrics["val/fid"].isfinite()
+    (grid,) = (tmp_path / "runs").rglob("images/samples/epoch_0000.png")  # the ImageLogger's samples of the prior
+    last = cli.trainer.checkpoint_callback.last_model_path
+    predicted = main(["predict", "--config", str(recipe), *flags, "--ckpt_path", last])
+    (written,) = (tmp_path / "runs" / "predictions").iterdir()
+    assert predicted.trainer.state.finished
+    assert {"inputs.pt", "reconstructions.pt", "samples.pt", "samples.png"} <= {p.name for p in written.iterdir()}
+    assert torch.load(written / "samples.pt").shape[1:] == SHAPE
