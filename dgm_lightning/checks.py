@@ -61,3 +61,12 @@ def check_hidden_dims(hidden_dims: Sequence[int], *, layer: str) -> None:
     if len(hidden_dims) == 0:
         raise ValueError(f"hidden_dims must hold one width per {layer}, at least one, got none")
     check_positive_int(**{f"hidden_dims[{i}]": width for i, width in enumerate(hidden_dims)})
+
+
+def check_likelihood_range(likelihood: str, value_range: tuple[float, float]) -> None:
+    """Refuse a Bernoulli likelihood (plain or continuous) for data outside (0, 1), the only values it models."""
+    if likelihood in ("bernoulli", "continuous_bernoulli") and tuple(value_range) != (0.0, 1.0):
+        raise ValueError(
+            f"the {likelihood} likelihood models pixels in (0, 1) but value_range is {tuple(value_range)}; "
+            "use value_range (0, 1) or a gaussian likelihood"
+        )

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from dgm_lightning import objectives
 from dgm_lightning.base import GenerativeModel
-from dgm_lightning.checks import check_choice, check_positive, check_positive_int
+from dgm_lightning.checks import check_choice, check_likelihood_range, check_positive, check_positive_int
 from dgm_lightning.compat import attached_trainer
 from dgm_lightning.fitted_mixture import FittedMixture, mixture_codes
 from dgm_lightning.nets import build_decoder, build_encoder
@@ -86,11 +86,7 @@ class LatentVariableModel(GenerativeModel):
         check_choice("architecture", architecture, Architecture)
         check_choice("latent_sampler", latent_sampler, LatentSampler)
         check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        if likelihood in ("bernoulli", "continuous_bernoulli") and self.value_range != (0.0, 1.0):
-            raise ValueError(
-                f"the {likelihood} likelihood models pixels in (0, 1) but value_range is {self.value_range}; "
-                "use value_range (0, 1) or a gaussian likelihood"
-            )
+        check_likelihood_range(likelihood, self.value_range)
         self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.latent_sampler = latent_sampler

@@ -15,7 +15,15 @@ from typing_extensions import override
 
 from dgm_lightning import objectives
 from dgm_lightning.base import GenerativeModel
-from dgm_lightning.checks import check_choice, check_fraction, check_non_negative, check_positive, check_positive_int
+from dgm_lightning.checks import (
+    check_choice,
+    check_fraction,
+    check_likelihood_range,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_temperature,
+)
 from dgm_lightning.compat import attached_trainer
 from dgm_lightning.nets.quantizer import CodebookInit, CodebookUpdate, VectorQuantizer, perplexity
 from dgm_lightning.nets.vqvae_nets import GridDecoder, GridEncoder, grid_sizes
@@ -114,11 +122,7 @@ class VQVAE(GenerativeModel):
         if num_embeddings < 2:
             raise ValueError(f"num_embeddings must be >= 2 (one code carries no information), got {num_embeddings}")
         check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)
-        if likelihood in ("bernoulli", "continuous_bernoulli") and self.value_range != (0.0, 1.0):
-            raise ValueError(
-                f"the {likelihood} likelihood models pixels in (0, 1) but value_range is {self.value_range}; "
-                "use value_range (0, 1) or a gaussian likelihood"
-            )
+        check_likelihood_range(likelihood, self.value_range)
         c, h, w = self.data_shape
         self.grid_shape = (grid_sizes(h, len(hidden_dims))[-1], grid_sizes(w, len(hidden_dims))[-1])
         self.likelihood, self.beta = likelihood, float(beta)
@@ -215,8 +219,7 @@ class VQVAE(GenerativeModel):
             "decoder does not turn into images: for samples, train its prior (dgm_lightning.VQVAEPrior, "
             "configs/vqvae_prior_*.yaml) and sample from that"
         )
-        if temperature < 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 gives a fixed code), got {temperature}")
+        check_temperature(temperature)
         shape = (n, *self.grid_shape)
         if temperature == 0:
             index = torch.zeros(shape, dtype=torch.long, device=self.device)
