@@ -1,8 +1,10 @@
 """What the benchmark scripts share: the model families, the two training loops that are compared, timing
 and memory probes, the machine's description and JSON output.
 
-Speed numbers are medians (over epochs, steps and interleaved repeats), and the scripts report ratios of numbers
-measured side by side in one process: absolute times on a shared machine vary from minute to minute, ratios less.
+Speed numbers come from at least ``MIN_TIMED_STEPS`` timed steps per measurement, repeated in interleaved rounds,
+and the scripts report ratios of numbers measured side by side in one process (absolute times on a shared machine
+vary from minute to minute, ratios less) as a ``Spread``: min / median / max over the repeats. A ratio whose repeats
+disagree by more than ``SPREAD_TOLERANCE`` gets no verdict (``verdict``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILY_NAMES = ("AE", "VAE", "GAN", "Flow", "FlowVAE", "RecurrentVAE", "Classifier")
+MIN_TIMED_STEPS = 100  # per measurement: fewer made the peers' verdicts flip between runs (10-step epochs)
+SPREAD_TOLERANCE = 0.10  # repeats of a ratio further apart than this (max / min - 1) give no verdict
 
 # the benchmarks train many short runs; Lightning's hints about logging intervals and workers are noise here
 warnings.filterwarnings("ignore", ".*(log_every_n_steps|does not have many workers|LeafSpec|litlogger).*")
@@ -297,15 +301,69 @@ def steady_seconds(epoch_times: Sequence[float]) -> float:
     return statistics.median(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
 
 
-def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Median of each run over ``repeats`` rounds that take the runs in turn (the order alternating), so that a
-    busy moment of the machine falls on all of them alike."""
+def epochs_for(batches_per_epoch: int, timed_steps: int = MIN_TIMED_STEPS) -> int:
+    """Epochs of a timed run: one warm-up epoch (not timed), then enough for ``timed_steps`` timed steps."""
+    return 1 + -(-timed_steps // batches_per_epoch)
+
+
+def seconds_per_step(epoch_times: Sequence[float], batches_per_epoch: int) -> float:
+    """Mean seconds per step over the timed epochs (all but the first): every timed step counts once."""
+    timed = epoch_times[1:] if len(epoch_times) > 1 else epoch_times
+    return sum(timed) / (len(timed) * batches_per_epoch)
+
+
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each run's value in each of ``repeats`` rounds that take the runs in turn (the order alternating), so that a
+    busy moment of the machine falls on all of them alike; round r of one run pairs with round r of another."""
     values: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             values[name].append(runs[name]())
-    return {name: statistics.median(v) for name, v in values.items()}
+    return values
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One quantity over interleaved repeats: min / median / max, so that a reader sees how far they agree."""
+
+    values: tuple[float, ...]
+
+    @classmethod
+    def of_ratios(cls, numerators: Sequence[float], denominators: Sequence[float]) -> Spread:
+        """The ratios of paired repeats (round r over round r)."""
+        return cls(tuple(a / b for a, b in zip(numerators, denominators, strict=True)))
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+    @property
+    def settled(self) -> bool:
+        """Whether the repeats agree within ``SPREAD_TOLERANCE`` (max / min - 1)."""
+        return len(self.values) > 1 and self.max <= self.min * (1 + SPREAD_TOLERANCE)
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} ({self.min:.3g}-{self.max:.3g})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "median": self.median, "max": self.max, "values": list(self.values)}
+
+
+def verdict(ratio: Spread, target: float) -> str:
+    """Whether a ratio (higher is better) meets its target, or that its repeats disagree too much to say."""
+    if not ratio.settled:
+        spread = "one repeat" if len(ratio.values) < 2 else f"repeats {ratio.max / ratio.min - 1:.0%} apart"
+        return f"unsettled ({spread})"
+    return f"meets >= {target:g}" if ratio.median >= target else f"below {target:g}"
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -34,12 +34,15 @@ from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam  # noqa: E
 @dataclass(frozen=True)
 class Budget:
     """What every model gets: ``epochs`` passes over ``train_batches`` batches (None: the whole training set) of
-    ``batch_size`` images, then a test on ``test_images`` official test images; ``iwae_samples`` for the NLL."""
+    ``batch_size`` images, then a test on ``test_images`` official test images in batches of ``eval_batch_size``
+    (which divides every budget's ``test_images``, so that the test sees exactly that many); ``iwae_samples`` for
+    the NLL."""
 
     epochs: int
     train_batches: int | None
     test_images: int
     batch_size: int = 128
+    eval_batch_size: int = 500
     iwae_samples: int = 100
 
     def describe(self) -> str:
@@ -49,9 +52,13 @@ class Budget:
             f"test on {self.test_images:,} official test images, IWAE with {self.iwae_samples} samples"
         )
 
+    def __post_init__(self) -> None:
+        if self.test_images % self.eval_batch_size:
+            raise ValueError(f"eval_batch_size {self.eval_batch_size} must divide test_images {self.test_images}")
+
     @property
     def test_batches(self) -> int:
-        return -(-self.test_images // self.batch_size)
+        return self.test_images // self.eval_batch_size
 
 
 QUICK = Budget(epochs=1, train_batches=30, test_images=500, iwae_samples=50)
@@ -59,7 +66,9 @@ FULL = Budget(epochs=3, train_batches=None, test_images=10000, iwae_samples=100)
 
 
 def fashion_mnist(data_dir: str | Path, budget: Budget, value_range=(0.0, 1.0)) -> FashionMNISTDataModule:
-    return FashionMNISTDataModule(str(data_dir), batch_size=budget.batch_size, value_range=value_range)
+    return FashionMNISTDataModule(
+        str(data_dir), batch_size=budget.batch_size, eval_batch_size=budget.eval_batch_size, value_range=value_range
+    )
 
 
 def fit_and_test(

@@ -54,7 +54,9 @@ GEOMETRIES = ("gaussian", "von_mises_fisher", "power_spherical")
 
 
 def binarized(data_dir: str | Path, budget: Budget) -> FashionMNISTDataModule:
-    return FashionMNISTDataModule(str(data_dir), batch_size=budget.batch_size, binarize=True)
+    return FashionMNISTDataModule(
+        str(data_dir), batch_size=budget.batch_size, eval_batch_size=budget.eval_batch_size, binarize=True
+    )
 
 
 def train_classifier(data_dir, budget: Budget, checkpoint: Path) -> float:

@@ -59,6 +59,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         *,
         download: bool = False,
         batch_size: int = 128,
+        eval_batch_size: int = 512,
         val_fraction: float = 0.1,
         value_range: tuple[float, float] = (0.0, 1.0),
         split_seed: int = 0,
@@ -68,6 +69,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
     ) -> None:
         super().__init__(
             batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
             val_fraction=val_fraction,
             value_range=value_range,
             split_seed=split_seed,

@@ -45,7 +45,8 @@ class ImageFolderDataModule(SplitDataModule):
         crop_size: center-crop the original to this square side before resizing (None: no crop; the
             resized image is center-cropped to a square).
         channels: 1 (grey) or 3 (RGB).
-        batch_size: examples per batch.
+        batch_size: examples per training batch.
+        eval_batch_size: examples per batch of validation, test and predict (see ``InMemoryImageDataModule``).
         val_fraction: share of the images held out for validation.
         test_fraction: share of the images held out for testing.
         value_range: (low, high) the pixel values are mapped to.
@@ -61,6 +62,7 @@ class ImageFolderDataModule(SplitDataModule):
         crop_size: int | None = None,
         channels: int = 3,
         batch_size: int = 64,
+        eval_batch_size: int = 512,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         value_range: tuple[float, float] = (0.0, 1.0),
@@ -70,8 +72,8 @@ class ImageFolderDataModule(SplitDataModule):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if image_size <= 0 or (crop_size is not None and crop_size <= 0) or batch_size <= 0:
-            raise ValueError("image_size, crop_size and batch_size must be > 0")
+        if image_size <= 0 or (crop_size is not None and crop_size <= 0) or batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError("image_size, crop_size, batch_size and eval_batch_size must be > 0")
         if len(value_range) != 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
         self.save_hyperparameters()
@@ -155,6 +157,7 @@ class CelebADataModule(ImageFolderDataModule):
         image_size: int = 64,
         crop_size: int | None = 148,
         batch_size: int = 64,
+        eval_batch_size: int = 512,
         value_range: tuple[float, float] = (0.0, 1.0),
         num_workers: int = 2,
     ) -> None:
@@ -164,6 +167,7 @@ class CelebADataModule(ImageFolderDataModule):
             crop_size=crop_size,
             channels=3,
             batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
             value_range=value_range,
             num_workers=num_workers,
         )

@@ -60,7 +60,8 @@ class TextLinesDataModule(SequenceDataModule):
         max_len: lines longer than this many tokens are cut to it.
         min_freq: tokens seen fewer times in the training split become ``<unk>``.
         max_vocab: keep at most this many of the most frequent tokens (specials not counted); None: all.
-        batch_size, val_fraction, test_fraction, split_seed, num_workers: as for the image DataModules.
+        batch_size, eval_batch_size, val_fraction, test_fraction, split_seed, num_workers: as for the image
+            DataModules.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class TextLinesDataModule(SequenceDataModule):
         min_freq: int = 1,
         max_vocab: int | None = None,
         batch_size: int = 32,
+        eval_batch_size: int = 512,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
@@ -83,7 +85,7 @@ class TextLinesDataModule(SequenceDataModule):
             raise ValueError(f"max_len must be > 0 tokens, got {max_len}")
         if min_freq < 1 or (max_vocab is not None and max_vocab < 1):
             raise ValueError(f"min_freq and max_vocab must be >= 1, got {min_freq} and {max_vocab}")
-        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction)
+        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction, eval_batch_size)
         self.save_hyperparameters()
         self.path = Path(path) if path is not None else SAMPLE_CORPUS
         self.vocabulary: Vocabulary | None = None
@@ -165,8 +167,8 @@ class SequentialImageDataModule(SequenceDataModule):
     Args:
         dataset: ``digits`` (8x8, installed with scikit-learn), ``mnist`` or ``fashion_mnist`` (28x28).
         data_dir, download: where the MNIST-format files lie, and whether to fetch them (not for digits).
-        batch_size, val_fraction, test_fraction, split_seed, num_workers: as for the image DataModules
-            (MNIST-format data keep their official test set, so test_fraction is unused there).
+        batch_size, eval_batch_size, val_fraction, test_fraction, split_seed, num_workers: as for the image
+            DataModules (MNIST-format data keep their official test set, so test_fraction is unused there).
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class SequentialImageDataModule(SequenceDataModule):
         data_dir: str = "data",
         download: bool = False,
         batch_size: int = 64,
+        eval_batch_size: int = 512,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
@@ -184,7 +187,7 @@ class SequentialImageDataModule(SequenceDataModule):
         super().__init__()
         if dataset not in IMAGE_DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(IMAGE_DATASETS)}")
-        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction)
+        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction, eval_batch_size)
         self.save_hyperparameters()
         self.splits = {}
         self._images: InMemoryImageDataModule | None = None
@@ -198,13 +201,15 @@ class SequentialImageDataModule(SequenceDataModule):
             h = self.hparams
             if h.dataset == "digits":
                 self._images = DigitsDataModule(
-                    batch_size=h.batch_size, val_fraction=h.val_fraction, test_fraction=h.test_fraction,
+                    batch_size=h.batch_size, eval_batch_size=h.eval_batch_size, val_fraction=h.val_fraction,
+                    test_fraction=h.test_fraction,
                     split_seed=h.split_seed,
                 )  # fmt: skip
             else:
                 cls = MNISTDataModule if h.dataset == "mnist" else FashionMNISTDataModule
                 self._images = cls(
-                    h.data_dir, download=h.download, batch_size=h.batch_size, val_fraction=h.val_fraction,
+                    h.data_dir, download=h.download, batch_size=h.batch_size, eval_batch_size=h.eval_batch_size,
+                    val_fraction=h.val_fraction,
                     split_seed=h.split_seed,
                 )  # fmt: skip
         return self._images
@@ -241,7 +246,7 @@ class CSVSequenceDataModule(SequenceDataModule):
         window: steps per sequence.
         stride: steps between window starts; None: ``window`` (no overlap).
         standardize: zero mean and unit variance per column, from the training rows.
-        batch_size, val_fraction, test_fraction, num_workers: as for the other DataModules.
+        batch_size, eval_batch_size, val_fraction, test_fraction, num_workers: as for the other DataModules.
     """
 
     def __init__(
@@ -253,6 +258,7 @@ class CSVSequenceDataModule(SequenceDataModule):
         stride: int | None = None,
         standardize: bool = True,
         batch_size: int = 32,
+        eval_batch_size: int = 512,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         num_workers: int = 0,
@@ -260,7 +266,7 @@ class CSVSequenceDataModule(SequenceDataModule):
         super().__init__()
         if window <= 0 or (stride is not None and stride <= 0):
             raise ValueError(f"window and stride must be > 0, got {window} and {stride}")
-        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction)
+        check_split_args(type(self).__name__, batch_size, val_fraction, test_fraction, eval_batch_size)
         self.save_hyperparameters()
         self.path = Path(path) if path is not None else SAMPLE_SERIES
         self.mean: Tensor | None = None

@@ -68,7 +68,8 @@ class Toy2DDataModule(SplitDataModule):
     Args:
         density: ``two_moons``, ``8gaussians``, ``checkerboard`` or ``spirals`` (see ``sample_toy2d``).
         num_train, num_val, num_test: points in each split.
-        batch_size: points per batch.
+        batch_size: points per training batch.
+        eval_batch_size: points per batch of validation, test and predict.
         seed: seed of the data.
 
     References: two moons as in scikit-learn's make_moons; 8 Gaussians, checkerboard and spirals as in
@@ -85,12 +86,19 @@ class Toy2DDataModule(SplitDataModule):
         num_val: int = 1000,
         num_test: int = 2000,
         batch_size: int = 256,
+        eval_batch_size: int = 2000,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if density not in DENSITIES:
             raise ValueError(f"unknown density {density!r}; choose one of: {', '.join(DENSITIES)}")
-        check_positive(num_train=num_train, num_val=num_val, num_test=num_test, batch_size=batch_size)
+        check_positive(
+            num_train=num_train,
+            num_val=num_val,
+            num_test=num_test,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+        )
         self.save_hyperparameters()
         self.density = density
         self.splits: dict[str, TensorDataset] = {}

@@ -100,7 +100,8 @@ class GenerativeModel(DataChecks, L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """The injected ``optimizer`` over the trainable parameters, and ``lr_scheduler`` when given: the families
         with one optimizer set both attributes from their arguments (``dgm_lightning.optimizers``)."""
-        return optimizer_config(trainable_parameters(self), self.optimizer, self.lr_scheduler, fused=fusable(self))
+        params = trainable_parameters(self)
+        return optimizer_config(params, self.optimizer, self.lr_scheduler, allow_fused=fusable(self))
 
     # -- the steps of a family with one objective -------------------------------------------------
 

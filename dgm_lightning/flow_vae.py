@@ -37,8 +37,8 @@ class FlowVAE(VAE):
         prior: ``standard_normal`` or ``mixture``, a learned mixture of ``mixture_components`` diagonal Gaussians (as
             in ``VAE``; its vamp prior is a mixture of posteriors, which have no closed-form density here).
         mixture_components: components of the ``mixture`` prior.
-        beta, iwae_samples: as in ``VAE``; free bits are not offered, as the Monte Carlo KL has no per-dimension
-            split.
+        beta, iwae_samples, iwae_chunk_size: as in ``VAE``; free bits are not offered, as the Monte Carlo KL has
+            no per-dimension split.
         settings: see ``LatentVariableModel``.
 
     References: Rezende & Mohamed 2015, arXiv:1505.05770; IWAE bound, Burda et al. 2015, arXiv:1509.00519.
@@ -46,7 +46,8 @@ class FlowVAE(VAE):
 
     def __init__(
         self, latent_dim: int = 16, *, num_flows: int = 4, prior: FlowVAEPrior = "standard_normal",
-        mixture_components: int = 10, beta: float = 1.0, iwae_samples: int = 100, **settings: Any,
+        mixture_components: int = 10, beta: float = 1.0, iwae_samples: int = 100, iwae_chunk_size: int = 10,
+        **settings: Any,
     ) -> None:  # fmt: skip
         if not isinstance(num_flows, int) or num_flows < 0:
             raise ValueError(f"num_flows must be an integer >= 0, got {num_flows!r}")
@@ -64,7 +65,7 @@ class FlowVAE(VAE):
             latent_dim, objective="elbo", posterior="gaussian", prior=prior, mixture_components=mixture_components,
             pseudo_inputs=500, beta=beta, free_bits=0.0, training_samples=1,
             miwae_groups=1, mi_weight=1.0, dim_kl_weight=1.0, dataset_size=None, mmd_weight=10.0, mmd_kernel="imq",
-            iwae_samples=iwae_samples, **settings,
+            iwae_samples=iwae_samples, iwae_chunk_size=iwae_chunk_size, **settings,
         )  # fmt: skip
         # nor are they hyperparameters of a FlowVAE: dropped, or load_from_checkpoint would pass them back
         for name in set(STRATEGY_SETTINGS) - {"prior", "mixture_components"}:
@@ -130,8 +131,8 @@ class FlowVAE(VAE):
 
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None, num_samples: int = 100) -> Tensor:
         """Importance-weighted (IWAE) estimate of log p(x) (or log p(x | labels)) in nats, shape (B,), sampling the
-        flow posterior; differentiable (see ``GenerativeModel``)."""
+        flow posterior, ``iwae_chunk_size`` samples at a time; differentiable (see ``GenerativeModel``)."""
         check_positive_int(num_samples=num_samples)
         labels = self.check_input(x, labels, "log_prob")
-        log_px, log_pz, log_q = self.log_weights(x, labels, num_samples)
-        return objectives.iwae_bound(log_px + log_pz - log_q)
+        draw = lambda k: self.log_weights(x, labels, k)  # noqa: E731
+        return objectives.iwae_bound(objectives.chunked_log_weights(draw, num_samples, self.iwae_chunk_size))

@@ -281,9 +281,9 @@ class GAN(GenerativeModel):
         fused = optimizers.fusable(self)
         return [
             optimizers.optimizer_config(params_g, self.optimizer_g, epoch_scheduler(self.lr_scheduler_g),
-                                        default=GeneratorAdam, name="optimizer_g", fused=fused),
+                                        default=GeneratorAdam, name="optimizer_g", allow_fused=fused),
             optimizers.optimizer_config(params_d, self.optimizer_d, epoch_scheduler(self.lr_scheduler_d),
-                                        default=DiscriminatorAdam, name="optimizer_d", fused=fused),
+                                        default=DiscriminatorAdam, name="optimizer_d", allow_fused=fused),
         ]  # fmt: skip
 
     @override

@@ -113,6 +113,7 @@ class RecurrentVAE(SequenceModel):
         beta: weight of the KL term.
         free_bits: nats per latent dimension below which the KL is not penalised (``elbo`` only).
         iwae_samples: importance samples for ``test/nll``.
+        iwae_chunk_size: importance samples decoded at once by ``log_prob`` and ``test/nll`` (see ``VAE``).
         optimizer: builds the optimizer from the parameters (None: Adam with lr 1e-3); on the command line
             ``--model.optimizer AdamW --model.optimizer.lr 3e-4``.
         lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
@@ -151,6 +152,7 @@ class RecurrentVAE(SequenceModel):
         objective: RecurrentObjective = "elbo",
         training_samples: int = 1,
         iwae_samples: int = 50,
+        iwae_chunk_size: int = 10,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
@@ -160,7 +162,12 @@ class RecurrentVAE(SequenceModel):
         check_choice("likelihood", likelihood, SequenceLikelihood)
         check_choice("vocab_level", vocab_level, Level)
         check_choice("cell", cell, Cell)
-        check_positive_int(latent_dim=latent_dim, embedding_dim=embedding_dim, iwae_samples=iwae_samples)
+        check_positive_int(
+            latent_dim=latent_dim,
+            embedding_dim=embedding_dim,
+            iwae_samples=iwae_samples,
+            iwae_chunk_size=iwae_chunk_size,
+        )
         check_positive_int(input_dim=input_dim, sample_max_len=sample_max_len)
         check_hidden_dims(hidden_dims, layer="RNN layer")
         check_positive(gaussian_scale=gaussian_scale)
@@ -177,7 +184,7 @@ class RecurrentVAE(SequenceModel):
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "lr_scheduler"])
         self.latent_dim, self.posterior_name = latent_dim, posterior
         self.word_dropout, self.beta, self.free_bits = float(word_dropout), float(beta), float(free_bits)
-        self.iwae_samples = iwae_samples
+        self.iwae_samples, self.iwae_chunk_size = iwae_samples, iwae_chunk_size
         self.objective_name, self.training_samples = objective, training_samples  # not self.objective: the method
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.encoder, self.decoder = encoder, decoder
@@ -272,12 +279,12 @@ class RecurrentVAE(SequenceModel):
         latent-variable models such as this one (with ``num_samples`` posterior samples, a lower bound that tightens
         as they grow); differentiable, so wrap it in ``torch.no_grad()`` to evaluate.
 
-        Decodes B * num_samples sequences at once; lower ``num_samples`` or the batch size if memory is short.
+        Decodes B * ``iwae_chunk_size`` sequences at once.
         """
         check_positive_int(num_samples=num_samples)
         x, lengths = self.check_sequences(x, lengths, "log_prob")
-        log_px, log_pz, log_q = self.log_weights(x, lengths, num_samples)
-        return objectives.iwae_bound(log_px + log_pz - log_q)
+        draw = lambda k: self.log_weights(x, lengths, k)  # noqa: E731
+        return objectives.iwae_bound(objectives.chunked_log_weights(draw, num_samples, self.iwae_chunk_size))
 
     def log_weights(
         self, x: Tensor, lengths: Tensor, num_samples: int, *, q: Distribution | None = None, word_dropout: float = 0.0

@@ -108,6 +108,9 @@ class VAE(LatentVariableModel):
         mmd_kernel: ``imq`` (inverse multiquadric) or ``rbf``, with the bandwidth 2 * latent_dim (WAE's rule for a
             standard normal prior).
         iwae_samples: importance samples for ``test/nll``.
+        iwae_chunk_size: importance samples decoded at once by ``log_prob`` and ``test/nll``: the evaluation's peak
+            memory is that of decoding about ``iwae_chunk_size`` times a batch (the DataModules' ``eval_batch_size``)
+            at once, however many samples it takes.
         settings: see ``LatentVariableModel`` (the encoder outputs 2 * latent_dim, mean and log-variance, for the
             Gaussian posterior; latent_dim + 1, direction and concentration, for the hyperspherical ones).
 
@@ -138,6 +141,7 @@ class VAE(LatentVariableModel):
         mmd_weight: float = 10.0,
         mmd_kernel: Kernel = "imq",
         iwae_samples: int = 100,
+        iwae_chunk_size: int = 10,
         **settings: Any,
     ) -> None:
         check_posterior(posterior, latent_dim)
@@ -155,13 +159,13 @@ class VAE(LatentVariableModel):
             mmd_kernel=mmd_kernel,
         )  # fmt: skip
         check_non_negative(beta=beta)
-        check_positive_int(iwae_samples=iwae_samples)
+        check_positive_int(iwae_samples=iwae_samples, iwae_chunk_size=iwae_chunk_size)
         self.objective_name = objective  # not self.objective: that is the method
         self.beta, self.free_bits = float(beta), float(free_bits)
         self.mi_weight, self.dim_kl_weight, self.mmd_weight = float(mi_weight), float(dim_kl_weight), float(mmd_weight)
         self.training_samples, self.miwae_groups, self.dataset_size = training_samples, miwae_groups, dataset_size
         self.mmd_kernel = mmd_kernel
-        self.iwae_samples = iwae_samples
+        self.iwae_samples, self.iwae_chunk_size = iwae_samples, iwae_chunk_size
         self.register_buffer("prior_loc", torch.zeros(latent_dim))
         self.register_buffer("prior_scale", torch.ones(latent_dim))
         # a learned prior's parameters (the mixture's, the vamp prior's pseudo-inputs); None: the closed-form prior
@@ -333,12 +337,12 @@ class VAE(LatentVariableModel):
         """Importance-weighted (IWAE) estimate of log p(x) (or log p(x | labels)) in nats, shape (B,), with
         ``num_samples`` posterior samples: a lower bound that tightens as they grow (see ``GenerativeModel``).
 
-        Decodes B * num_samples latents at once; lower ``num_samples`` or the batch size if memory is short.
+        Decodes B * ``iwae_chunk_size`` latents at once.
         """
         check_positive_int(num_samples=num_samples)
         labels = self.check_input(x, labels, "log_prob")
-        log_px, log_pz, log_q = self.log_weights(x, labels, num_samples)
-        return objectives.iwae_bound(log_px + log_pz - log_q)
+        draw = lambda k: self.log_weights(x, labels, k)  # noqa: E731
+        return objectives.iwae_bound(objectives.chunked_log_weights(draw, num_samples, self.iwae_chunk_size))
 
     @override
     def test_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:

@@ -42,20 +42,50 @@ def positive(value) -> bool:
 def check_overhead(table: dict, families) -> None:
     assert set(table) == set(families)
     for row in table.values():
-        for key in ("hand_steps_per_s", "bare_lightning_steps_per_s", "trainer_steps_per_s", "ratio"):
-            assert positive(row[key]), (key, row)
+        assert row["timed_steps"] >= 100, row
+        for loop in ("hand", "bare", "ours"):
+            spread = row["ms_per_step"][loop]
+            assert positive(spread["min"]) and spread["min"] <= spread["median"] <= spread["max"], (loop, row)
+        for key in ("ratio", "bare_lightning_ratio", "ours_vs_bare_ratio"):
+            assert all(positive(v) for v in row[key]["values"]), (key, row)
+        assert row["verdict"].startswith(("meets", "below", "unsettled")), row
 
 
 def test_overhead_script_writes_its_table(tmp_path):
     out = tmp_path / "overhead.json"
     run_script(
-        "overhead.py", "--families", "AE", "--epochs", "2", "--repeats", "1", "--threads", "1", "--json", str(out),
+        "overhead.py", "--families", "AE", "--repeats", "2", "--threads", "1", "--json", str(out),
         cwd=tmp_path, timeout=120,
     )  # fmt: skip
     results = json.loads(out.read_text())
     check_overhead(results["overhead"], ["AE"])
     assert results["machine"]["torch"] and results["machine"]["cpu_count"] >= 1
     assert list((tmp_path / "runs" / "benchmarks").glob("speed/*/metrics.csv"))  # its logs: here, not in the repo
+
+
+def benchmark_common():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    return common
+
+
+def test_a_ratio_is_reported_with_its_spread_and_a_verdict_only_when_its_repeats_agree():
+    common = benchmark_common()
+    settled = common.Spread.of_ratios([10.0, 10.2, 9.9], [10.0, 10.0, 10.0])
+    assert (settled.min, settled.median, settled.max) == (0.99, 1.0, 1.02) and settled.settled
+    assert str(settled) == "1 (0.99-1.02)"
+    assert common.verdict(settled, 0.97) == "meets >= 0.97"
+    assert common.verdict(common.Spread((0.9, 0.92, 0.91)), 0.97) == "below 0.97"
+    scattered = common.Spread((0.94, 1.54, 1.1))  # the peers table's two runs of one ratio, in one
+    assert not scattered.settled and common.verdict(scattered, 1.2) == "unsettled (repeats 64% apart)"
+    assert common.verdict(common.Spread((1.3,)), 1.2) == "unsettled (one repeat)"
+
+
+def test_a_timed_run_has_a_warm_up_epoch_and_at_least_the_steps_asked_for():
+    common = benchmark_common()
+    assert common.epochs_for(20) == 6 and common.epochs_for(100) == 2 and common.epochs_for(30, 100) == 5
+    assert common.seconds_per_step([9.0, 2.0, 4.0], 10) == 0.3  # the first (warm-up) epoch left out
 
 
 @pytest.mark.slow

@@ -3,13 +3,16 @@ the kernel, which updates as torch's default loop does, and a caller's choice of
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dgm_lightning import GAN, VAE
-from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam, default_adam
+from dgm_lightning.cli import DGMCLI
+from dgm_lightning.optimizers import Adam, DiscriminatorAdam, GeneratorAdam
 from tests.helpers import images
 
 
@@ -20,7 +23,7 @@ def vae() -> VAE:
 
 def test_a_model_given_no_optimizer_trains_with_fused_adam_on_the_cpu():
     optimizer = vae().configure_optimizers()["optimizer"]
-    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 1e-3
+    assert type(optimizer) is Adam and optimizer.defaults["lr"] == 1e-3
     assert optimizer.defaults["fused"] is True
     gan = GAN(data_shape=(2,), latent_dim=2, architecture="mlp")
     g, d = (config["optimizer"] for config in gan.configure_optimizers())
@@ -29,7 +32,7 @@ def test_a_model_given_no_optimizer_trains_with_fused_adam_on_the_cpu():
 
 def test_fused_adam_makes_the_updates_of_torchs_default_loop():
     fused, loop = vae(), vae()
-    optimizers = [default_adam(fused.parameters()), torch.optim.Adam(loop.parameters(), lr=1e-3, foreach=False)]
+    optimizers = [Adam(fused.parameters()), torch.optim.Adam(loop.parameters(), lr=1e-3, foreach=False)]
     x = images(16)
     for _ in range(5):
         for model, optimizer in zip((fused, loop), optimizers, strict=True):
@@ -45,7 +48,7 @@ def test_fused_adam_makes_the_updates_of_torchs_default_loop():
 @pytest.mark.parametrize("choice", [{"fused": False}, {"foreach": True}])
 def test_a_kernel_chosen_by_the_caller_is_kept(choice):
     params = list(vae().parameters())
-    for optimizer in (GeneratorAdam(params, **choice), DiscriminatorAdam(params, **choice)):
+    for optimizer in (Adam(params, **choice), GeneratorAdam(params, **choice), DiscriminatorAdam(params, **choice)):
         assert optimizer.defaults["fused"] in (False, None)
         assert all(optimizer.defaults[key] == value for key, value in choice.items())
 
@@ -55,7 +58,7 @@ def test_parameter_groups_and_generators_are_taken_as_torch_takes_them():
     groups = [{"params": list(model.encoder.parameters())}, {"params": list(model.decoder.parameters()), "lr": 1e-4}]
     optimizer = GeneratorAdam(groups)
     assert optimizer.defaults["fused"] is True and [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-4]
-    from_generator = default_adam(p for p in model.parameters())  # a generator: read once, all of it kept
+    from_generator = Adam(p for p in model.parameters())  # a generator: read once, all of it kept
     assert from_generator.defaults["fused"] is True
     assert [id(p) for p in from_generator.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
 
@@ -70,3 +73,26 @@ def test_the_default_is_fused_unless_its_gradients_are_clipped_under_mixed_preci
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(images(16)), batch_size=8))
     assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"] is fused
+
+
+def test_recipes_that_set_adams_arguments_get_the_fused_kernel_too():
+    # dcgan_fashion_mnist names Adam with DCGAN's betas for both networks, glow_checkerboard with its lr
+    for recipe in ("dcgan_fashion_mnist", "glow_checkerboard"):
+        cli = DGMCLI(args=["--config", recipe, "--trainer.logger", "false"], run=False)
+        configs = cli.model.configure_optimizers()
+        optimizers = [c["optimizer"] for c in configs] if isinstance(configs, list) else [configs["optimizer"]]
+        assert all(type(o) is Adam and o.defaults["fused"] is True for o in optimizers), recipe
+
+
+def test_a_fused_optimizer_whose_gradients_would_be_clipped_under_mixed_precision_is_refused_before_training():
+    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=Adam)  # named: fused, as recipes do
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"fused Adam.*--model.optimizer.init_args.fused false"):
+        trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(images(16)), batch_size=8))
+    assert trainer.global_step == 0
+    unfused = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=partial(Adam, fused=False))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(unfused, train_dataloaders=DataLoader(TensorDataset(images(16)), batch_size=8))
+    assert trainer.global_step == 1

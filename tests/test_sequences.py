@@ -100,14 +100,15 @@ def test_the_shipped_corpus_is_used_by_default():
 
 
 def test_digits_rows_are_sequences_of_the_same_images_in_the_same_splits():
-    dm = SequentialImageDataModule("digits", batch_size=16)
+    dm = SequentialImageDataModule("digits", batch_size=16, eval_batch_size=32)
     dm.setup("fit")
     images = DigitsDataModule()
     images.setup("fit")
     for split in ("train", "val", "test"):
         assert torch.equal(torch.stack(dm.splits[split]), images.splits[split].tensors[0][:, 0])
     x, lengths = next(iter(dm.val_dataloader()))
-    assert x.shape == (16, 8, 8) and lengths.tolist() == [8] * 16 and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (32, 8, 8) and lengths.tolist() == [8] * 32 and 0 <= x.min() and x.max() <= 1
+    assert next(iter(dm.train_dataloader()))[0].shape == (16, 8, 8)
     assert dm.data_spec.data_shape == (8, 8)
 
 

@@ -5,8 +5,8 @@ so each function can be unit-tested against a closed form. ``Objective`` is what
 returns. Import from here (``from dgm_lightning.objectives import iwae_terms``): the modules are
 
 - ``objective``: ``Objective``;
-- ``elbo``: the decoders' likelihoods, the KL, free bits, the ELBO, the IWAE bound, bits per dimension, and the
-  latent diagnostics (active units, mutual information);
+- ``elbo``: the decoders' likelihoods, the KL, free bits, the ELBO, the IWAE bound (and its log weights drawn in
+  chunks), bits per dimension, and the latent diagnostics (active units, mutual information);
 - ``importance``: the IWAE, MIWAE and PIWAE training objectives;
 - ``total_correlation``: beta-TC-VAE;
 - ``mmd``: the MMD and the InfoVAE / WAE-MMD objective;
@@ -17,6 +17,7 @@ from dgm_lightning.objectives.elbo import (
     Likelihood,
     active_units,
     bits_per_dim,
+    chunked_log_weights,
     elbo_terms,
     free_bits_kl,
     gaussian_kl,
@@ -39,6 +40,7 @@ __all__ = [
     "active_units",
     "beta_tc_terms",
     "bits_per_dim",
+    "chunked_log_weights",
     "discriminator_loss",
     "elbo_terms",
     "free_bits_kl",

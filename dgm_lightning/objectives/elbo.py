@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -92,6 +93,21 @@ def iwae_bound(log_weights: Tensor) -> Tensor:
     References: Burda et al. 2015, arXiv:1509.00519.
     """
     return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
+def chunked_log_weights(
+    log_weights: Callable[[int], tuple[Tensor, Tensor, Tensor]], num_samples: int, chunk_size: int
+) -> Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), shape (num_samples, B), from ``log_weights(k)``, which
+    draws k samples per example and returns their three terms, each (k, B), called for ``chunk_size`` samples at a
+    time: evaluating ``iwae_bound`` on the result decodes at most B * chunk_size inputs at once (no_grad), however
+    many samples it takes. A loop of our own: the chunks must be drawn and decoded one after another to free
+    each chunk's activations before the next."""
+    chunks = []
+    for start in range(0, num_samples, chunk_size):
+        log_px, log_pz, log_q = log_weights(min(chunk_size, num_samples - start))
+        chunks.append(log_px + log_pz - log_q)
+    return torch.cat(chunks)
 
 
 def bits_per_dim(nll_nats: Tensor, num_dims: int) -> Tensor:
