@@ -6,9 +6,9 @@ A model takes ``optimizer: OptimizerCallable`` (params -> Optimizer) and ``lr_sc
 every family, from YAML and from Python (``VAE(optimizer=partial(torch.optim.AdamW, lr=3e-4))``). A GAN takes one of
 each per network.
 
-The default is None, which means ``Adam`` (torch's, lr 1e-3; a GAN's networks: ``GeneratorAdam`` and
+The default is None, which means ``FusedAdam`` (torch's Adam, lr 1e-3; a GAN's networks: ``GeneratorAdam`` and
 ``DiscriminatorAdam``), fused where the parameters' device has torch's fused kernel; recipes that set Adam's
-arguments name ``dgm_lightning.optimizers.Adam`` for the same kernel. None rather than the class
+arguments name ``dgm_lightning.optimizers.FusedAdam`` for the same kernel. None rather than the class
 itself: given a class default, jsonargparse carries that class's arguments over to the class named on the command
 line, so ``--model.optimizer AdamW`` would silently build AdamW with Adam's weight_decay 0 instead of its own 0.01.
 """
@@ -48,9 +48,10 @@ def with_fused_default(params: Iterable[Any], kwargs: dict[str, Any]) -> tuple[l
     return params, {**kwargs, "fused": fused}
 
 
-class Adam(torch.optim.Adam):
-    """torch's Adam, fused where every parameter's device has the kernel (``with_fused_default``): the optimizer of
-    a model given none, and the class a recipe names to set Adam's arguments.
+class FusedAdam(torch.optim.Adam):
+    """torch's Adam, fused where every parameter's device has the kernel (CPU, CUDA; ``with_fused_default``), torch's
+    loop elsewhere: the optimizer of a model given none, and the class a recipe names to set Adam's arguments. Not
+    named ``Adam``: the command line would then find two optimizers of that name for ``--model.optimizer Adam``.
 
     Args:
         params: the parameters to optimize.
@@ -84,7 +85,7 @@ def optimizer_config(
     optimizer: OptimizerCallable | None,
     lr_scheduler: LRSchedulerCallable | None,
     *,
-    default: OptimizerCallable = Adam,
+    default: OptimizerCallable = FusedAdam,
     name: str = "optimizer",
     allow_fused: bool = True,
 ) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def optimizer_config(
         built = default(params) if allow_fused else default(params, fused=False)
     if not allow_fused and any(group.get("fused") for group in built.param_groups):
         raise ValueError(
-            f"{name} builds a fused {type(built).__name__}, which unscales its gradients inside its step, so "
+            f"{name} builds {type(built).__name__} with fused=True, which unscales its gradients inside its step, so "
             "Lightning cannot clip them under mixed precision; pass fused false (--model."
             f"{name}.init_args.fused false), or train without gradient clipping or in 32-bit precision"
         )
@@ -142,7 +143,7 @@ def check_injected(**callables: Any) -> None:
             )
 
 
-class GeneratorAdam(Adam):
+class GeneratorAdam(FusedAdam):
     """Adam with the defaults of a GAN's generator: lr 1e-4 and betas (0.5, 0.999), DCGAN's betas and the slower
     of the two time-scale update rule's learning rates.
 
@@ -165,7 +166,7 @@ class GeneratorAdam(Adam):
         super().__init__(params, lr=lr, betas=betas, **kwargs)
 
 
-class DiscriminatorAdam(Adam):
+class DiscriminatorAdam(FusedAdam):
     """Adam with the defaults of a GAN's discriminator: lr 4e-4, four times the generator's (two time-scale update
     rule), and betas (0.5, 0.999). See ``GeneratorAdam``.
 

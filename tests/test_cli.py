@@ -224,7 +224,7 @@ def test_another_optimizer_class_keeps_the_recipes_arguments_unless_reset_first(
         spec = cli.config.model.init_args.optimizer_g
         return spec.class_path, spec.init_args.lr, tuple(spec.init_args.betas), spec.init_args.weight_decay
 
-    assert optimizer_g() == ("dgm_lightning.optimizers.Adam", 2e-4, (0.5, 0.999), 0.0)
+    assert optimizer_g() == ("dgm_lightning.optimizers.FusedAdam", 2e-4, (0.5, 0.999), 0.0)
     assert optimizer_g("--model.optimizer_g", "AdamW") == ("torch.optim.AdamW", 2e-4, (0.5, 0.999), 0.01)
     reset = ["--model.optimizer_g", "null", "--model.optimizer_g", "AdamW"]
     assert optimizer_g(*reset) == ("torch.optim.AdamW", 1e-3, (0.9, 0.999), 0.01)

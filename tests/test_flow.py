@@ -251,7 +251,7 @@ def test_an_overflowing_logdet_skips_the_step_without_touching_the_weights_then_
 
 
 def test_fit_test_predict_and_resume_from_a_checkpoint_on_digits(tmp_path):
-    digits = DigitsDataModule(batch_size=64)
+    digits = DigitsDataModule(batch_size=64, eval_batch_size=100)
     model = Flow("glow", data_shape=(1, 8, 8), quantization_levels=17, num_classes=10, **TINY)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     t = trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, enable_checkpointing=True,
@@ -261,7 +261,7 @@ def test_fit_test_predict_and_resume_from_a_checkpoint_on_digits(tmp_path):
     assert {"test/nll", "test/bpd", "test/loss"} <= set(metrics)
     assert 0 < metrics["test/bpd"] < math.log2(17)  # better than uniform after a few steps
     (batch,) = trainer(limit_predict_batches=1).predict(model, datamodule=digits)
-    assert batch["samples"].shape == batch["inputs"].shape == (64, 1, 8, 8)
+    assert batch["samples"].shape == batch["inputs"].shape == (100, 1, 8, 8)  # an evaluation batch
     restored = Flow.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     assert restored.hparams.quantization_levels == 17
     actnorms = [m for m in restored.modules() if hasattr(m, "initialized")]

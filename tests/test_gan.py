@@ -18,7 +18,7 @@ from dgm_lightning import GAN, objectives
 from dgm_lightning.cli import main
 from dgm_lightning.noise import NoiseStream
 from dgm_lightning.objectives import Objective
-from dgm_lightning.optimizers import Adam, DiscriminatorAdam, GeneratorAdam
+from dgm_lightning.optimizers import DiscriminatorAdam, FusedAdam, GeneratorAdam
 from tests.helpers import trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -340,7 +340,7 @@ def test_an_optimizer_from_the_command_line_replaces_the_recipes_for_its_network
     g_opt, d_opt = cli.trainer.optimizers
     assert type(g_opt) is torch.optim.AdamW and g_opt.param_groups[0]["lr"] == 3e-4
     # the recipe's discriminator optimizer, as it was: Adam with lr 2e-4 and betas (0.5, 0.999)
-    assert type(d_opt) is Adam and d_opt.param_groups[0]["lr"] == 2e-4 and d_opt.defaults["fused"] is True
+    assert type(d_opt) is FusedAdam and d_opt.param_groups[0]["lr"] == 2e-4 and d_opt.defaults["fused"] is True
     assert d_opt.param_groups[0]["betas"] == (0.5, 0.999)
     assert {id(p) for p in g_opt.param_groups[0]["params"]} == {id(p) for p in cli.model.generator.parameters()}
 
@@ -352,7 +352,7 @@ def test_an_optimizer_and_a_scheduler_per_network_from_the_command_line():
          "--model.lr_scheduler_g", "StepLR", "--model.lr_scheduler_g.step_size", "3", *QUIET]
     )  # fmt: skip
     g_opt, d_opt = cli.trainer.optimizers
-    assert type(g_opt) is Adam and g_opt.param_groups[0]["lr"] == 2e-4  # the recipe's
+    assert type(g_opt) is FusedAdam and g_opt.param_groups[0]["lr"] == 2e-4  # the recipe's
     assert type(d_opt) is torch.optim.RMSprop and d_opt.param_groups[0]["lr"] == 5e-5
     (scheduler,) = cli.trainer.lr_scheduler_configs
     assert scheduler.scheduler.optimizer is g_opt and scheduler.scheduler.step_size == 3

@@ -22,7 +22,7 @@ DIGITS = dict(data_shape=(1, 8, 8), hidden_dims=[32])
 
 @pytest.fixture(scope="module")
 def digits():
-    dm = DigitsDataModule(batch_size=64)
+    dm = DigitsDataModule(batch_size=64, eval_batch_size=100)  # predict batches of 100
     dm.setup()
     return dm
 
@@ -50,7 +50,7 @@ def test_every_variant_trains_tests_predicts_with_the_right_shapes(model_cls, kw
         assert metrics["test/kl"] >= 0
         assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (64 * math.log(2)), rel=1e-5)
     (batch,) = t.predict(model, datamodule=digits)
-    assert batch["samples"].shape == batch["reconstructions"].shape == batch["inputs"].shape == (64, 1, 8, 8)
+    assert batch["samples"].shape == batch["reconstructions"].shape == batch["inputs"].shape == (100, 1, 8, 8)
     labels = torch.arange(5) if model.num_classes else None
     assert model.sample(5, labels=labels).shape == (5, 1, 8, 8)
     assert model.encode(images(3), labels=None if labels is None else labels[:3]).shape == (3, 4)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dgm_lightning import GAN, VAE
 from dgm_lightning.cli import DGMCLI
-from dgm_lightning.optimizers import Adam, DiscriminatorAdam, GeneratorAdam
+from dgm_lightning.optimizers import DiscriminatorAdam, FusedAdam, GeneratorAdam
 from tests.helpers import images
 
 
@@ -23,7 +23,7 @@ def vae() -> VAE:
 
 def test_a_model_given_no_optimizer_trains_with_fused_adam_on_the_cpu():
     optimizer = vae().configure_optimizers()["optimizer"]
-    assert type(optimizer) is Adam and optimizer.defaults["lr"] == 1e-3
+    assert type(optimizer) is FusedAdam and optimizer.defaults["lr"] == 1e-3
     assert optimizer.defaults["fused"] is True
     gan = GAN(data_shape=(2,), latent_dim=2, architecture="mlp")
     g, d = (config["optimizer"] for config in gan.configure_optimizers())
@@ -32,7 +32,7 @@ def test_a_model_given_no_optimizer_trains_with_fused_adam_on_the_cpu():
 
 def test_fused_adam_makes_the_updates_of_torchs_default_loop():
     fused, loop = vae(), vae()
-    optimizers = [Adam(fused.parameters()), torch.optim.Adam(loop.parameters(), lr=1e-3, foreach=False)]
+    optimizers = [FusedAdam(fused.parameters()), torch.optim.Adam(loop.parameters(), lr=1e-3, foreach=False)]
     x = images(16)
     for _ in range(5):
         for model, optimizer in zip((fused, loop), optimizers, strict=True):
@@ -48,7 +48,7 @@ def test_fused_adam_makes_the_updates_of_torchs_default_loop():
 @pytest.mark.parametrize("choice", [{"fused": False}, {"foreach": True}])
 def test_a_kernel_chosen_by_the_caller_is_kept(choice):
     params = list(vae().parameters())
-    for optimizer in (Adam(params, **choice), GeneratorAdam(params, **choice), DiscriminatorAdam(params, **choice)):
+    for optimizer in (FusedAdam(params, **choice), GeneratorAdam(params, **choice), DiscriminatorAdam(params, **choice)):
         assert optimizer.defaults["fused"] in (False, None)
         assert all(optimizer.defaults[key] == value for key, value in choice.items())
 
@@ -58,7 +58,7 @@ def test_parameter_groups_and_generators_are_taken_as_torch_takes_them():
     groups = [{"params": list(model.encoder.parameters())}, {"params": list(model.decoder.parameters()), "lr": 1e-4}]
     optimizer = GeneratorAdam(groups)
     assert optimizer.defaults["fused"] is True and [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-4]
-    from_generator = Adam(p for p in model.parameters())  # a generator: read once, all of it kept
+    from_generator = FusedAdam(p for p in model.parameters())  # a generator: read once, all of it kept
     assert from_generator.defaults["fused"] is True
     assert [id(p) for p in from_generator.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
 
@@ -81,18 +81,24 @@ def test_recipes_that_set_adams_arguments_get_the_fused_kernel_too():
         cli = DGMCLI(args=["--config", recipe, "--trainer.logger", "false"], run=False)
         configs = cli.model.configure_optimizers()
         optimizers = [c["optimizer"] for c in configs] if isinstance(configs, list) else [configs["optimizer"]]
-        assert all(type(o) is Adam and o.defaults["fused"] is True for o in optimizers), recipe
+        assert all(type(o) is FusedAdam and o.defaults["fused"] is True for o in optimizers), recipe
 
 
 def test_a_fused_optimizer_whose_gradients_would_be_clipped_under_mixed_precision_is_refused_before_training():
-    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=Adam)  # named: fused, as recipes do
+    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=FusedAdam)  # named: fused, as recipes do
     trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    with pytest.raises(ValueError, match=r"fused Adam.*--model.optimizer.init_args.fused false"):
+    with pytest.raises(ValueError, match=r"FusedAdam with fused=True.*--model.optimizer.init_args.fused false"):
         trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(images(16)), batch_size=8))
     assert trainer.global_step == 0
-    unfused = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=partial(Adam, fused=False))
+    unfused = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=partial(FusedAdam, fused=False))
     trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(unfused, train_dataloaders=DataLoader(TensorDataset(images(16)), batch_size=8))
     assert trainer.global_step == 1
+
+
+def test_adam_on_the_command_line_is_still_torchs():
+    # our class is not called Adam: jsonargparse would find two optimizers of that name and refuse both
+    cli = DGMCLI(args=["--config", "vae_digits", "--model.optimizer", "Adam", "--trainer.logger", "false"], run=False)
+    assert type(cli.model.configure_optimizers()["optimizer"]) is torch.optim.Adam

@@ -102,3 +102,14 @@ def test_another_optimizer_from_the_command_line():
                 "--trainer.fast_dev_run", "true", "--trainer.logger", "false"])  # fmt: skip
     (optimizer,) = cli.trainer.optimizers
     assert type(optimizer).__name__ == "SGD" and optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_every_section_of_the_readme_appears_once():
+    # the strategy-studies section once landed twice: two copies drift apart at the next change of one
+    headings, in_code = [], False
+    for line in README.splitlines():
+        in_code ^= line.startswith("```")
+        if not in_code and re.match(r"#{1,4} \S", line):
+            headings.append(line)
+    assert len(headings) > 20
+    assert len(headings) == len(set(headings)), [h for h in headings if headings.count(h) > 1]

@@ -470,7 +470,7 @@ def test_an_injected_optimizer_and_scheduler_train_the_networks_built_in_setup(t
 def test_images_read_row_by_row_train_test_and_predict():
     from datamodules import SequentialImageDataModule
 
-    dm = SequentialImageDataModule("digits", batch_size=32)
+    dm = SequentialImageDataModule("digits", batch_size=32, eval_batch_size=40)
     model = RecurrentVAE(likelihood="bernoulli", **TINY, iwae_samples=3)
     t = trainer(max_steps=3, limit_val_batches=2, limit_test_batches=2, limit_predict_batches=1)
     t.fit(model, datamodule=dm)
@@ -478,7 +478,7 @@ def test_images_read_row_by_row_train_test_and_predict():
     (metrics,) = t.test(model, datamodule=dm, verbose=False)
     assert all(math.isfinite(v) for v in metrics.values()) and "test/ppl" not in metrics
     (batch,) = t.predict(model, datamodule=dm)
-    assert batch["inputs"].shape == batch["reconstructions"].shape == batch["samples"].shape == (32, 8, 8)
+    assert batch["inputs"].shape == batch["reconstructions"].shape == batch["samples"].shape == (40, 8, 8)
     assert 0 <= batch["reconstructions"].min() and batch["reconstructions"].max() <= 1
 
 

@@ -296,7 +296,7 @@ def test_study_files_refuse_what_they_cannot_run_with_a_clear_error(tmp_path, ca
     for name in study_names():
         study = load_study(name)
         assert "CPU budget" in study.description, name
-    assert load_study("vae_fashion_mnist").total_trials == 5 * 3 * 3 * 2
+    assert load_study("vae_fashion_mnist").total_trials == 6 * 3 * 3 * 2
     main(["study", "list"])
     assert "vae_fashion_mnist " in capsys.readouterr().out
 
