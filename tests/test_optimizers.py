@@ -48,7 +48,8 @@ def test_fused_adam_makes_the_updates_of_torchs_default_loop():
 @pytest.mark.parametrize("choice", [{"fused": False}, {"foreach": True}])
 def test_a_kernel_chosen_by_the_caller_is_kept(choice):
     params = list(vae().parameters())
-    for optimizer in (FusedAdam(params, **choice), GeneratorAdam(params, **choice), DiscriminatorAdam(params, **choice)):
+    for cls in (FusedAdam, GeneratorAdam, DiscriminatorAdam):
+        optimizer = cls(params, **choice)
         assert optimizer.defaults["fused"] in (False, None)
         assert all(optimizer.defaults[key] == value for key, value in choice.items())
 
@@ -85,7 +86,8 @@ def test_recipes_that_set_adams_arguments_get_the_fused_kernel_too():
 
 
 def test_a_fused_optimizer_whose_gradients_would_be_clipped_under_mixed_precision_is_refused_before_training():
-    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=FusedAdam)  # named: fused, as recipes do
+    # named, as the recipes name it: fused
+    model = VAE(latent_dim=4, data_shape=(1, 8, 8), hidden_dims=[32], optimizer=FusedAdam)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-mixed", gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"FusedAdam with fused=True.*--model.optimizer.init_args.fused false"):
