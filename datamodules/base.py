@@ -29,7 +29,7 @@ class DataSpec:
 
 
 def check_split_args(
-    owner: str, batch_size: int, val_fraction: float, test_fraction: float, eval_batch_size: int = 1
+    owner: str, batch_size: int, val_fraction: float, test_fraction: float, eval_batch_size: int
 ) -> None:
     """Raise a ValueError for a non-positive batch size or split fractions that leave no training data."""
     if batch_size <= 0 or eval_batch_size <= 0:
