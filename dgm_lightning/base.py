@@ -66,6 +66,12 @@ class GenerativeModel(DataChecks, L.LightningModule):
         compile: compile each network in place (``nn.Module.compile``) when the Trainer sets the model up,
             after ``setup`` has built the networks that are sized from the data. The parameter names do not
             change, so checkpoints load with or without it. The first steps are slow while it compiles.
+        channels_last: hold the networks' 4-D weights, and so their convolutions' activations, in channels-last
+            memory format while the Trainer runs (from ``configure_model`` to ``teardown``: afterwards they are
+            contiguous again, so code that views parameters flat, like ``parameters_to_vector``, works on the
+            fitted model). On CPU it made the convolutional families' training steps 13-22 % faster
+            (``benchmarks/overhead.py --memory-format``); a model without convolutions is unchanged. The values
+            are the same up to float rounding; checkpoints load either way.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class GenerativeModel(DataChecks, L.LightningModule):
         value_range: Sequence[float],
         num_classes: int | None,
         compile: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if len(data_shape) == 0 or any(int(s) <= 0 for s in data_shape):
@@ -88,6 +95,7 @@ class GenerativeModel(DataChecks, L.LightningModule):
         self.num_classes = num_classes
         self.nonfinite_steps = 0
         self.compile_networks = compile  # not self.compile: that is nn.Module's method
+        self.channels_last = channels_last
         self._check_next_training_batch = True  # see check_batch: the first training batch of each epoch is checked
         # per stage, per set of term names: (sums of value x batch size, one per name; number of examples) so far
         self._term_sums: dict[str, dict[tuple[str, ...], tuple[Tensor, int]]] = {}
@@ -163,10 +171,19 @@ class GenerativeModel(DataChecks, L.LightningModule):
 
     @override
     def configure_model(self) -> None:
+        # load_from_checkpoint calls this hook too, without a Trainer: the loaded model stays contiguous, as the
+        # fitted one is after teardown
+        if self.channels_last and attached_trainer(self) is not None:
+            self.to(memory_format=torch.channels_last)  # in place: the parameters stay the same objects
         if self.compile_networks:
             for net in self.children():
                 if next(net.parameters(), None) is not None:
                     net.compile()
+
+    @override
+    def teardown(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.contiguous_format)  # see channels_last in the class docstring
 
     @override
     def on_fit_start(self) -> None:

@@ -35,6 +35,7 @@ class Classifier(GenerativeModel):
         lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
             rate); e.g. ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 50``.
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
+        channels_last: channels-last weights and activations in training (see ``GenerativeModel``).
 
     References: features of a domain classifier for FID-like scores, e.g. Lucic et al. 2018, arXiv:1711.10337.
     """
@@ -50,8 +51,15 @@ class Classifier(GenerativeModel):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        channels_last: bool = True,
     ) -> None:
-        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        super().__init__(
+            data_shape=data_shape,
+            value_range=value_range,
+            num_classes=num_classes,
+            compile=compile,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         check_positive_int(feature_dim=feature_dim)
         check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)

@@ -84,6 +84,7 @@ class VQVAEPrior(GenerativeModel):
         optimizer: builds the optimizer of the prior's parameters (None: Adam, lr 1e-3).
         lr_scheduler: builds a learning-rate scheduler, stepped once per epoch (None: a constant rate).
         compile: compile the networks when training starts (see ``GenerativeModel``).
+        channels_last: channels-last weights and activations in training (see ``GenerativeModel``).
         vqvae: a trained VQVAE to use instead of a checkpoint; one with injected networks must be passed again to
             ``load_from_checkpoint(path, vqvae=...)`` (its settings do not rebuild its networks).
         prior: your own prior network: code grids (B, h, w) -> causal logits (B, num_embeddings, h, w).
@@ -103,6 +104,7 @@ class VQVAEPrior(GenerativeModel):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        channels_last: bool = True,
         vqvae: VQVAE | None = None,
         prior: nn.Module | None = None,
     ) -> None:
@@ -119,7 +121,13 @@ class VQVAEPrior(GenerativeModel):
             )
         if not isinstance(vqvae, VQVAE):
             raise TypeError(f"vqvae must be a VQVAE, got {type(vqvae).__name__}")
-        super().__init__(data_shape=vqvae.data_shape, value_range=vqvae.value_range, num_classes=None, compile=compile)
+        super().__init__(
+            data_shape=vqvae.data_shape,
+            value_range=vqvae.value_range,
+            num_classes=None,
+            compile=compile,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["vqvae", "prior", "optimizer", "lr_scheduler"])
         # recorded for load_from_checkpoint, which then rebuilds the VQ-VAE without its file
         self.hparams["vqvae_settings"] = vqvae_settings_of(vqvae)

@@ -62,6 +62,7 @@ class Flow(GenerativeModel):
         lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
             rate); e.g. ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 50``.
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
+        channels_last: channels-last weights and activations in training (see ``GenerativeModel``).
         flow: your own invertible module: ``forward(x) -> (z, logdet)`` of shape (B, *data_shape) and (B,),
             and ``inverse(z)`` (``architecture``, ``num_scales``, ``num_steps``, ``hidden_dims`` are then unused).
 
@@ -90,9 +91,16 @@ class Flow(GenerativeModel):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        channels_last: bool = True,
         flow: nn.Module | None = None,
     ) -> None:
-        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        super().__init__(
+            data_shape=data_shape,
+            value_range=value_range,
+            num_classes=num_classes,
+            compile=compile,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["flow", "optimizer", "lr_scheduler"])
         _check_settings(
             architecture=architecture, preprocessing=preprocessing, data_shape=self.data_shape, num_scales=num_scales,

@@ -73,6 +73,7 @@ class GAN(GenerativeModel):
             benchmarks/gan_ema.py).
         noise_seed: seed of the training noise streams; None: ``torch.initial_seed()`` (``seed_everything``'s).
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
+        channels_last: channels-last weights and activations in training (see ``GenerativeModel``).
         generator: your own generator: (B, latent_dim [+ num_classes]) -> (B, *data_shape).
         discriminator: your own: (B, *data_shape) -> raw scores (B,) or (B, 1); ``discriminator(x, labels)`` when
             ``num_classes`` is set.
@@ -113,10 +114,17 @@ class GAN(GenerativeModel):
         ema_rampup: float = 0.02,
         noise_seed: int | None = None,
         compile: bool = False,
+        channels_last: bool = True,
         generator: nn.Module | None = None,
         discriminator: nn.Module | None = None,
     ) -> None:
-        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        super().__init__(
+            data_shape=data_shape,
+            value_range=value_range,
+            num_classes=num_classes,
+            compile=compile,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer_g", "optimizer_d",
                                           "lr_scheduler_g", "lr_scheduler_d"])  # fmt: skip
         gan_checks.check_gan_settings(

@@ -52,6 +52,7 @@ class LatentVariableModel(GenerativeModel):
         lr_scheduler: builds a learning-rate scheduler from the optimizer, stepped once per epoch (None: a constant
             rate); e.g. ``--model.lr_scheduler CosineAnnealingLR --model.lr_scheduler.T_max 50``.
         compile: compile the networks with torch.compile when training starts (see ``GenerativeModel``).
+        channels_last: channels-last weights and activations in training (see ``GenerativeModel``).
         encoder: your own encoder: (B, C [+ num_classes], H, W) -> (B, encoder_out_dim), where encoder_out_dim is
             latent_dim for the AE and 2 * latent_dim (mean and log-variance) for the VAE.
         decoder: your own decoder: (B, latent_dim [+ num_classes]) -> (B, C, H, W) distribution parameters
@@ -73,12 +74,19 @@ class LatentVariableModel(GenerativeModel):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        channels_last: bool = True,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
         if len(data_shape) != 3:
             raise ValueError(f"data_shape must be three sizes (C, H, W), got {tuple(data_shape)}")
-        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes, compile=compile)
+        super().__init__(
+            data_shape=data_shape,
+            value_range=value_range,
+            num_classes=num_classes,
+            compile=compile,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "lr_scheduler"])
         check_positive_int(latent_dim=latent_dim)
         check_positive(gaussian_scale=gaussian_scale)

@@ -76,6 +76,7 @@ class VQVAE(GenerativeModel):
         optimizer: builds the optimizer (None: Adam, lr 1e-3).
         lr_scheduler: builds a learning-rate scheduler, stepped once per epoch (None: a constant rate).
         compile: compile the networks when training starts (see ``GenerativeModel``).
+        channels_last: channels-last weights and activations in training (see ``GenerativeModel``).
         encoder: your own encoder: (B, C, H, W) -> (B, embedding_dim, h, w).
         decoder: your own decoder: (B, embedding_dim, h, w) -> (B, C, H, W) distribution parameters.
 
@@ -103,12 +104,19 @@ class VQVAE(GenerativeModel):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        channels_last: bool = True,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
         if len(data_shape) != 3:
             raise ValueError(f"data_shape must be three sizes (C, H, W), got {tuple(data_shape)}")
-        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=None, compile=compile)
+        super().__init__(
+            data_shape=data_shape,
+            value_range=value_range,
+            num_classes=None,
+            compile=compile,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "lr_scheduler"])
         check_positive_int(
             num_embeddings=num_embeddings, embedding_dim=embedding_dim, residual_channels=residual_channels
