@@ -1,4 +1,5 @@
-"""Peers: time per epoch (and quality at the same budget) of our models against other libraries' on the same data.
+"""Peers: time per step of our models (defaults) against other libraries' on equal networks and the same data, and
+the quality each reaches with the same training.
 
     python benchmarks/peers.py [--quick] [--data-dir /usr/share/datasets/fashion-mnist] [--json PATH]
 
@@ -8,8 +9,11 @@
   channels) in a plain training loop, as normflows' examples train it; the layers are normflows' own.
 - GAN: a plain DCGAN loop (BCE on logits, Adam, no EMA), as in the PyTorch tutorial, with our nets.
 
-Each trains ``epochs`` epochs on the same Fashion-MNIST images; the time per epoch is the median of epochs
-2..N, and ours/peer > 1 means ours is faster. A peer that is not installed is reported as such and skipped.
+Ours and the peer each train a fresh model (same initial weights) for a warm-up epoch and then at least 100 timed
+steps, in ``repeats`` interleaved rounds; peer/ours is the ratio of their mean times per timed step in paired
+rounds, median (min-max), > 1 when ours is faster (target 1.2; repeats more than 10 % apart give no verdict). The
+quality columns are those of the last round's models, tested on the same test images. A peer that is not
+installed is reported as such and skipped.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the helpers beside it
 
@@ -30,82 +37,156 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     FASHION_MNIST,
     EpochTimer,
+    Spread,
     add_common_args,
     apply_common_args,
+    epochs_for,
+    interleaved,
     machine,
     make_trainer,
     print_table,
+    seconds_per_step,
     seeded,
-    steady_seconds,
+    verdict,
     write_json,
 )
-from quality import FULL, QUICK, Budget  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from callbacks import GenerativeMetrics  # noqa: E402
 from datamodules import FashionMNISTDataModule  # noqa: E402
-from dgm_lightning import GAN, VAE, Flow  # noqa: E402
+from dgm_lightning import GAN, VAE, Classifier, Flow  # noqa: E402
 from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam  # noqa: E402
 
-PEER_EPOCHS = 3  # the budget's batches are spread over this many epochs, so that epochs 2..N give a steady time
+TARGET = 1.2  # peer time / our time
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Each timed run: epochs of ``batches`` batches of ``batch_size`` (a warm-up epoch, then >= 100 timed steps),
+    ``repeats`` interleaved rounds; the last round's models tested on ``test_images`` images, the VAEs' NLL with
+    ``iwae_samples`` importance samples."""
+
+    batch_size: int
+    batches: int
+    test_images: int
+    iwae_samples: int
+    repeats: int = 3
+    eval_batch_size: int = 500
+
+    @property
+    def epochs(self) -> int:
+        return epochs_for(self.batches)
+
+    def describe(self) -> str:
+        return (
+            f"{self.repeats} interleaved rounds of {self.epochs} epochs x {self.batches} batches of "
+            f"{self.batch_size} Fashion-MNIST images (the first epoch not timed), "
+            f"test on {self.test_images:,} test images"
+        )
+
+
+# epochs of 25 batches: a warm-up epoch and 100 timed steps (5 epochs), the least a measurement may have
+QUICK = Setup(batch_size=64, batches=25, test_images=1000, iwae_samples=50)
+FULL = Setup(batch_size=128, batches=25, test_images=2000, iwae_samples=100)
 
 
 class TensorData(L.LightningDataModule):
     """Fixed training and test tensors, so that ours and the peer see exactly the same images in the same order."""
 
-    def __init__(self, train: torch.Tensor, test: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, train: torch.Tensor, test: torch.Tensor, setup: Setup) -> None:
         super().__init__()
-        self.train, self.test, self.batch_size = train, test, batch_size
+        self.train, self.test, self.setup_ = train, test, setup
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.train), batch_size=self.batch_size)
+        return DataLoader(TensorDataset(self.train), batch_size=self.setup_.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.test), batch_size=self.batch_size)
+        return DataLoader(TensorDataset(self.test), batch_size=self.setup_.eval_batch_size)
 
 
-def load_images(data_dir: str | Path, budget: Budget) -> tuple[torch.Tensor, torch.Tensor, Budget]:
-    """The budget's training images (one epoch of the peers' runs) and test images, in [0, 1]."""
-    data = FashionMNISTDataModule(str(data_dir), batch_size=budget.batch_size)
+def load_images(data_dir: str | Path, setup: Setup) -> TensorData:
+    """One epoch's training images and the test images, in [0, 1]."""
+    data = FashionMNISTDataModule(str(data_dir), batch_size=setup.batch_size)
     data.setup("fit")
-    train = data.splits["train"].tensors[0]
-    total = (budget.train_batches or len(train) // budget.batch_size) * budget.epochs
-    per_epoch = max(1, total // PEER_EPOCHS) * budget.batch_size
-    test = data.splits["test"].tensors[0][: budget.test_images]
-    return train[:per_epoch], test, budget
+    train = data.splits["train"].tensors[0][: setup.batches * setup.batch_size]
+    data.setup("test")
+    return TensorData(train, data.splits["test"].tensors[0][: setup.test_images], setup)
 
 
-def ours(model: L.LightningModule, data: TensorData) -> tuple[float, L.Trainer]:
-    """Steady time per epoch of our model in the Trainer (logging as in real runs is off: peers log nothing)."""
-    timer = EpochTimer()
-    trainer = make_trainer(max_epochs=PEER_EPOCHS, callbacks=[timer])
-    trainer.fit(model, datamodule=data)
-    return steady_seconds(timer.epoch_times), trainer
+def ours(build: Callable[[], L.LightningModule], data: TensorData, trained: dict) -> Callable[[], float]:
+    """A timed run of a fresh model of ours in the Trainer (logging to no logger: the peers log nothing); seconds
+    per timed step. The model is kept in ``trained["ours"]``."""
+
+    def run() -> float:
+        model, timer = seeded(build), EpochTimer()
+        make_trainer(max_epochs=data.setup_.epochs, callbacks=[timer]).fit(model, datamodule=data)
+        trained["ours"] = model
+        return seconds_per_step(timer.epoch_times, data.setup_.batches)
+
+    return run
 
 
-def timed_epochs(run_epoch, epochs: int = PEER_EPOCHS) -> float:
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        run_epoch()
-        times.append(time.perf_counter() - start)
-    return steady_seconds(times)
+def hand_loop(build: Callable[[], Any], step: Callable[[Any, torch.Tensor], None], data: TensorData, trained: dict):
+    """A timed run of a peer's plain loop: ``step(state, x)`` per batch on the state ``build()`` makes; seconds per
+    timed step. The state is kept in ``trained["peer"]``."""
+
+    def run() -> float:
+        state, times = build(), []
+        for _ in range(data.setup_.epochs):
+            start = time.perf_counter()
+            for (x,) in data.train_dataloader():
+                step(state, x)
+            times.append(time.perf_counter() - start)
+        trained["peer"] = state
+        return seconds_per_step(times, data.setup_.batches)
+
+    return run
+
+
+def compare(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, Any]:
+    """Interleaved timed runs of ours and the peer; their times and the peer/ours ratio with its verdict."""
+    seconds = interleaved(runs, repeats)
+    ratio = Spread.of_ratios(seconds["peer"], seconds["ours"])
+    return {
+        "ours_ms_per_step": Spread(tuple(1e3 * t for t in seconds["ours"])).as_dict(),
+        "peer_ms_per_step": Spread(tuple(1e3 * t for t in seconds["peer"])).as_dict(),
+        "peer_over_ours_time": ratio.as_dict(),
+        "verdict": verdict(ratio, TARGET),
+    }
+
+
+def test_metrics(model: L.LightningModule, data: TensorData, callbacks=()) -> dict[str, float]:
+    (metrics,) = make_trainer(callbacks=list(callbacks)).test(model, datamodule=data, verbose=False)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 # -- VAE: pythae --------------------------------------------------------------------------------
 
 
-def vae_vs_pythae(data: TensorData, budget: Budget) -> dict:
-    def build() -> VAE:
-        return VAE(32, architecture="conv", hidden_dims=[32, 64, 128], iwae_samples=budget.iwae_samples)
+def vae_vs_pythae(data: TensorData) -> dict:
+    setup = data.setup_
 
-    model = seeded(build)
-    ours_s, trainer = ours(model, data)
-    (metrics,) = make_trainer().test(model, datamodule=data, verbose=False)
-    result = {"ours_s_per_epoch": ours_s, "ours_test_elbo_nats": metrics["test/elbo"],
-              "ours_test_iwae_nll_nats": metrics["test/nll"]}  # fmt: skip
+    def build() -> VAE:
+        return VAE(32, architecture="conv", hidden_dims=[32, 64, 128], iwae_samples=setup.iwae_samples)
+
     if importlib.util.find_spec("pythae") is None:
-        return {**result, "peer": "pythae not installed"}
+        return {"peer": "pythae not installed"}
+    trained: dict = {}
+    result = compare({"ours": ours(build, data, trained), "peer": pythae_run(build, data, trained)}, setup.repeats)
+    metrics = test_metrics(trained["ours"], data)
+    peer = trained["peer"].eval()
+    with torch.no_grad():
+        elbo = -torch.cat([peer({"data": x}).loss[None] * len(x) for (x,) in data.test_dataloader()]).sum()
+        # pythae returns the mean IWAE estimate of log p(x), one test image at a time
+        nll = -float(peer.get_nll(data.test, n_samples=setup.iwae_samples, batch_size=setup.iwae_samples))
+    quality = {"test ELBO, nats": (metrics["test/elbo"], float(elbo) / len(data.test)),
+               "test IWAE NLL, nats": (metrics["test/nll"], nll)}  # fmt: skip
+    return {**result, "peer": "pythae", "quality": quality}
+
+
+def pythae_run(build: Callable[[], VAE], data: TensorData, trained: dict) -> Callable[[], float]:
+    """pythae's VAE and BaseTrainer around our VAE's networks (the same initial weights as ours)."""
     from pythae.data.datasets import BaseDataset
     from pythae.models import VAE as PythaeVAE
     from pythae.models import VAEConfig
@@ -114,21 +195,19 @@ def vae_vs_pythae(data: TensorData, budget: Budget) -> dict:
     from pythae.trainers import BaseTrainer, BaseTrainerConfig
     from pythae.trainers.training_callbacks import TrainingCallback
 
-    nets = seeded(build)  # the same initial weights as ours
-
     class Encoder(BaseEncoder):
-        def __init__(self) -> None:
+        def __init__(self, net) -> None:
             super().__init__()
-            self.net = nets.encoder
+            self.net = net
 
         def forward(self, x):
             loc, log_var = self.net(x).chunk(2, dim=1)
             return ModelOutput(embedding=loc, log_covariance=log_var)
 
     class Decoder(BaseDecoder):
-        def __init__(self) -> None:
+        def __init__(self, net) -> None:
             super().__init__()
-            self.net = nets.decoder
+            self.net = net
 
         def forward(self, z):
             return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))
@@ -143,23 +222,21 @@ def vae_vs_pythae(data: TensorData, budget: Budget) -> dict:
         def on_train_end(self, training_config, **kwargs) -> None:
             self.end = time.perf_counter()
 
-    peer = PythaeVAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=32, reconstruction_loss="bce"), Encoder(), Decoder())
-    timer = Timer()
-    with tempfile.TemporaryDirectory() as output_dir:
-        config = BaseTrainerConfig(
-            output_dir=output_dir, num_epochs=PEER_EPOCHS, per_device_train_batch_size=budget.batch_size,
-            learning_rate=1e-3, optimizer_cls="Adam", no_cuda=True, steps_saving=None,
-        )  # fmt: skip
-        BaseTrainer(peer, BaseDataset(data.train, torch.zeros(len(data.train))), None, config, [timer]).train()
-    peer_s = steady_seconds([b - a for a, b in zip(timer.starts, [*timer.starts[1:], timer.end], strict=True)])
-    peer.eval()
-    with torch.no_grad():
-        elbo = -torch.cat([peer({"data": x}).loss[None] * len(x) for (x,) in data.test_dataloader()]).sum()
-        elbo = float(elbo) / len(data.test)
-        # pythae returns the mean IWAE estimate of log p(x), one test image at a time
-        nll = -float(peer.get_nll(data.test, n_samples=budget.iwae_samples, batch_size=budget.iwae_samples))
-    return {**result, "peer": "pythae", "peer_s_per_epoch": peer_s, "ours_vs_peer_speed": peer_s / ours_s,
-            "peer_test_elbo_nats": elbo, "peer_test_iwae_nll_nats": nll}  # fmt: skip
+    def run() -> float:
+        nets, timer, setup = seeded(build), Timer(), data.setup_
+        config = VAEConfig(input_dim=(1, 28, 28), latent_dim=32, reconstruction_loss="bce")
+        peer = PythaeVAE(config, Encoder(nets.encoder), Decoder(nets.decoder))
+        with tempfile.TemporaryDirectory() as output_dir:
+            config = BaseTrainerConfig(
+                output_dir=output_dir, num_epochs=setup.epochs, per_device_train_batch_size=setup.batch_size,
+                learning_rate=1e-3, optimizer_cls="Adam", no_cuda=True, steps_saving=None,
+            )  # fmt: skip
+            BaseTrainer(peer, BaseDataset(data.train, torch.zeros(len(data.train))), None, config, [timer]).train()
+        trained["peer"] = peer
+        epochs = [b - a for a, b in zip(timer.starts, [*timer.starts[1:], timer.end], strict=True)]
+        return seconds_per_step(epochs, setup.batches)
+
+    return run
 
 
 # -- Flow: normflows ----------------------------------------------------------------------------
@@ -190,105 +267,140 @@ def dequantize(x: torch.Tensor) -> torch.Tensor:
     return (x * 255 + torch.rand_like(x)) / 256
 
 
-def flow_vs_normflows(data: TensorData, budget: Budget) -> dict:
-    model = seeded(lambda: Flow("glow", num_scales=2, num_steps=4, hidden_dims=(64, 64), quantization_levels=256))
-    ours_s, _ = ours(model, data)
-    (metrics,) = make_trainer().test(model, datamodule=data, verbose=False)
-    result = {"ours_s_per_epoch": ours_s, "ours_test_bits_per_dim": metrics["test/bpd"]}
+def flow_vs_normflows(data: TensorData) -> dict:
+    def build() -> Flow:
+        return Flow("glow", num_scales=2, num_steps=4, hidden_dims=(64, 64), quantization_levels=256)
+
     if importlib.util.find_spec("normflows") is None:
-        return {**result, "peer": "normflows not installed"}
-    peer = seeded(normflows_glow)
-    optimizer = torch.optim.Adam(peer.parameters(), lr=1e-3)
+        return {"peer": "normflows not installed"}
 
-    def epoch() -> None:
-        for (x,) in data.train_dataloader():
-            optimizer.zero_grad(set_to_none=True)
-            peer.forward_kld(dequantize(x)).backward()
-            optimizer.step()
+    def peer_build():
+        peer = seeded(normflows_glow)
+        return peer, torch.optim.Adam(peer.parameters(), lr=1e-3)
 
-    peer_s = timed_epochs(epoch)
+    def peer_step(state, x: torch.Tensor) -> None:
+        peer, optimizer = state
+        optimizer.zero_grad(set_to_none=True)
+        peer.forward_kld(dequantize(x)).backward()
+        optimizer.step()
+
+    trained: dict = {}
+    runs = {"ours": ours(build, data, trained), "peer": hand_loop(peer_build, peer_step, data, trained)}
+    result = compare(runs, data.setup_.repeats)
+    peer = trained["peer"][0].eval()
     with torch.no_grad():
         nll = torch.cat([-peer.log_prob(dequantize(x), None) for (x,) in data.test_dataloader()]).mean()
-    dims = math.prod(data.test.shape[1:])
-    bpd = float(nll) / (dims * math.log(2)) + 8  # density of (k + u) / 256 -> bits of the 8-bit k
-    return {**result, "peer": "normflows", "peer_s_per_epoch": peer_s, "ours_vs_peer_speed": peer_s / ours_s,
-            "peer_test_bits_per_dim": bpd}  # fmt: skip
+    bpd = float(nll) / (math.prod(data.test.shape[1:]) * math.log(2)) + 8  # density of (k + u) / 256 -> 8-bit k
+    quality = {"test bits/dim": (test_metrics(trained["ours"], data)["test/bpd"], bpd)}
+    return {**result, "peer": "normflows", "quality": quality}
 
 
 # -- GAN: a plain DCGAN loop ---------------------------------------------------------------------
 
 
-def gan_vs_plain_dcgan(data: TensorData, budget: Budget) -> dict:
-    def build() -> GAN:
+def gan_vs_plain_dcgan(data: TensorData, classifier_checkpoint: Path) -> dict:
+    def build(**overrides) -> GAN:
         return GAN(
-            100,
-            architecture="dcgan",
-            hidden_dims=[64, 128],
-            value_range=(0.0, 1.0),
-            optimizer_g=partial(GeneratorAdam, lr=2e-4),
-            optimizer_d=partial(DiscriminatorAdam, lr=2e-4),
-        )
+            100, architecture="dcgan", hidden_dims=[64, 128], value_range=(0.0, 1.0),
+            optimizer_g=partial(GeneratorAdam, lr=2e-4), optimizer_d=partial(DiscriminatorAdam, lr=2e-4), **overrides,
+        )  # fmt: skip
 
-    ours_s, _ = ours(seeded(build), data)
-    nets = seeded(build)
-    generator, discriminator = nets.generator, nets.discriminator
-    opt_g = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    def peer_build():
+        # our networks (same initial weights), held by a GAN without an average so that it tests the trained one
+        nets = seeded(partial(build, ema_decay=None))
+        adam = partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
+        return nets, adam(nets.generator.parameters()), adam(nets.discriminator.parameters())
 
-    def epoch() -> None:
-        for (x,) in data.train_dataloader():
-            fake = generator(torch.randn(len(x), 100))
-            real_logits, fake_logits = discriminator(x).view(-1), discriminator(fake.detach()).view(-1)
-            d_loss = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            d_loss = d_loss + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            g_logits = discriminator(fake).view(-1)
-            g_loss = F.binary_cross_entropy_with_logits(g_logits, torch.ones_like(g_logits))
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
+    def peer_step(state, x: torch.Tensor) -> None:
+        nets, opt_g, opt_d = state
+        generator, discriminator = nets.generator, nets.discriminator
+        fake = generator(torch.randn(len(x), 100))
+        real_logits, fake_logits = discriminator(x).view(-1), discriminator(fake.detach()).view(-1)
+        d_loss = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+        d_loss = d_loss + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        g_logits = discriminator(fake).view(-1)
+        g_loss = F.binary_cross_entropy_with_logits(g_logits, torch.ones_like(g_logits))
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
 
-    peer_s = timed_epochs(epoch)
-    return {"ours_s_per_epoch": ours_s, "peer": "plain DCGAN loop", "peer_s_per_epoch": peer_s,
-            "ours_vs_peer_speed": peer_s / ours_s}  # fmt: skip
+    trained: dict = {}
+    runs = {"ours": ours(build, data, trained), "peer": hand_loop(peer_build, peer_step, data, trained)}
+    result = compare(runs, data.setup_.repeats)
+
+    def fid_kid(model: GAN) -> tuple[float, float]:
+        callback = GenerativeMetrics(
+            metrics=("fid", "kid"), classifier_checkpoint=str(classifier_checkpoint),
+            num_samples=len(data.test), kid_subset_size=min(100, len(data.test)),
+        )  # fmt: skip
+        L.seed_everything(0, verbose=False)
+        metrics = test_metrics(model, data, [callback])
+        return metrics["test/fid"], metrics["test/kid"]
+
+    (ours_fid, ours_kid), (peer_fid, peer_kid) = fid_kid(trained["ours"]), fid_kid(trained["peer"][0])
+    quality = {"FID (classifier features)": (ours_fid, peer_fid), "KID (classifier features)": (ours_kid, peer_kid)}
+    return {**result, "peer": "plain DCGAN loop", "quality": quality}
 
 
-def run(data_dir: str | Path, budget: Budget) -> dict:
+def train_classifier(data_dir: str | Path, data: TensorData, checkpoint: Path) -> float:
+    """The FID/KID features: a classifier trained as long as the GANs (on the labelled images); its test accuracy."""
+    module = FashionMNISTDataModule(
+        str(data_dir), batch_size=data.setup_.batch_size, eval_batch_size=data.setup_.eval_batch_size
+    )
+    classifier = seeded(lambda: Classifier(10, feature_dim=128, hidden_dims=(32, 64, 128)))
+    trainer = make_trainer(max_epochs=data.setup_.epochs, limit_train_batches=data.setup_.batches)
+    trainer.fit(classifier, datamodule=module)
+    trainer.save_checkpoint(checkpoint)
+    limit = data.setup_.test_images // data.setup_.eval_batch_size
+    (metrics,) = make_trainer(limit_test_batches=limit).test(classifier, datamodule=module, verbose=False)
+    return float(metrics["test/accuracy"])
+
+
+def run(data_dir: str | Path, setup: Setup) -> dict:
     if not Path(data_dir).is_dir():
         print(f"\nPeers: skipped, no Fashion-MNIST in {data_dir}")
         return {"skipped": f"no Fashion-MNIST in {data_dir}"}
-    train, test, budget = load_images(data_dir, budget)
-    data = TensorData(train, test, budget.batch_size)
-    results = {
-        "setup": f"{PEER_EPOCHS} epochs of {len(train):,} Fashion-MNIST images (batch {budget.batch_size}), "
-        f"test on {len(test):,}",
-        "VAE": vae_vs_pythae(data, budget),
-        "Flow": flow_vs_normflows(data, budget),
-        "GAN": gan_vs_plain_dcgan(data, budget),
-    }
+    data = load_images(data_dir, setup)
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoint = Path(workdir) / "classifier.ckpt"
+        accuracy = train_classifier(data_dir, data, checkpoint)
+        results = {
+            "setup": setup.describe(),
+            "classifier_test_accuracy": accuracy,
+            "VAE": vae_vs_pythae(data),
+            "Flow": flow_vs_normflows(data),
+            "GAN": gan_vs_plain_dcgan(data, checkpoint),
+        }
     rows = []
-    for family, r in ((k, v) for k, v in results.items() if isinstance(v, dict)):
-        quality = {k.removeprefix("ours_"): v for k, v in r.items() if k.startswith("ours_test_")}
-        for metric, value in quality.items():
-            peer_value = r.get(f"peer_{metric}", "-")
-            rows.append([family, r["peer"], r["ours_s_per_epoch"], r.get("peer_s_per_epoch", "-"),
-                         r.get("ours_vs_peer_speed", "-"), metric, value, peer_value])  # fmt: skip
-        if not quality:
-            rows.append([family, r["peer"], r["ours_s_per_epoch"], r.get("peer_s_per_epoch", "-"),
-                         r.get("ours_vs_peer_speed", "-"), "-", "-", "-"])  # fmt: skip
+    for family in ("VAE", "Flow", "GAN"):
+        r = results[family]
+        if "verdict" not in r:
+            rows.append([family, r["peer"], "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        speed = [spread_text(r["ours_ms_per_step"]), spread_text(r["peer_ms_per_step"]),
+                 spread_text(r["peer_over_ours_time"]), r["verdict"]]  # fmt: skip
+        for i, (metric, (ours_value, peer_value)) in enumerate(r["quality"].items()):
+            rows.append([family, r["peer"], *(speed if i == 0 else [""] * 4), metric, ours_value, peer_value])
     print_table(
-        f"Peers: {results['setup']}; s/epoch is the median of epochs 2..{PEER_EPOCHS}; peer/ours > 1: ours faster",
-        ["family", "peer", "ours s/epoch", "peer s/epoch", "peer/ours time", "metric", "ours", "peer"],
+        f"Peers: {results['setup']}; ms per timed step and peer/ours time, median (min-max) over the rounds; "
+        f"> 1: ours faster, target >= {TARGET}; quality of the last round's models (ELBO: higher is better; "
+        f"the others lower; FID/KID features: a classifier of test accuracy {accuracy:.3f})",
+        ["family", "peer", "ours ms", "peer ms", "peer/ours", "verdict", "metric", "ours", "peer"],
         rows,
     )
     return results
 
 
+def spread_text(spread: dict[str, Any]) -> str:
+    return str(Spread(tuple(spread["values"])))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the quick budget of quality.py")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK.describe()} (default: {FULL.describe()})")
     parser.add_argument("--data-dir", default=str(FASHION_MNIST))
     add_common_args(parser)
     args = parser.parse_args(argv)

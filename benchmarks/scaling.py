@@ -1,7 +1,7 @@
 """Scaling: training steps/s, examples/s and peak memory against batch size and image size, one model per family.
 
     python benchmarks/scaling.py [--batch-sizes 32 64 ... 1024] [--image-sizes 28 32 64] [--steps 10]
-    python benchmarks/scaling.py --accelerator gpu --precision bf16-mixed --channels-last [--compile]
+    python benchmarks/scaling.py --accelerator gpu --precision bf16-mixed [--contiguous] [--compile]
 
 Each point trains our LightningModule in the Trainer on noise images (speed does not depend on the pixels) for
 one warm-up step and ``--steps`` timed steps; the step time is the median of the timed ones, data loading left
@@ -20,7 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the helpers beside it
 
-import torch  # noqa: E402
 from common import (  # noqa: E402
     FAMILIES,
     PeakMemory,
@@ -41,17 +40,14 @@ LINEAR_TOLERANCE = 1.2  # per-example time may rise this much from the smallest 
 
 def measure_point(
     family_name: str, size: int, batch_size: int, steps: int, *, accelerator: str = "cpu",
-    precision: str | None = None, channels_last: bool = False, compile: bool = False,
+    precision: str | None = None, channels_last: bool = True, compile: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Median step time, throughput and peak memory of one (family, image size, batch size) point."""
     family = FAMILIES[family_name]
     shape = (1, size, size)
     data = SyntheticImages(family, shape, batch_size, steps + 1)
     model = seeded(lambda: family.build(shape))
-    if channels_last and not family.sequences:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model = torch.compile(model)
+    model.channels_last, model.compile_networks = channels_last, compile  # the models' own options (GenerativeModel)
     timer = StepTimer()
     trainer = make_trainer(callbacks=[timer], accelerator=accelerator, precision=precision)
     with PeakMemory("cuda" if accelerator in ("gpu", "cuda") else "cpu") as memory:
@@ -109,12 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per point (after one warm-up step)")
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--precision", default=None, help="e.g. bf16-mixed (GPU)")
-    parser.add_argument("--channels-last", action="store_true", help="convolutions in channels_last memory format")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--contiguous", action="store_true", help="contiguous weights, not the default channels_last")
+    parser.add_argument("--compile", action="store_true", help="compile the networks (the models' compile=True)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     apply_common_args(args)
-    options = dict(accelerator=args.accelerator, precision=args.precision, channels_last=args.channels_last,
+    options = dict(accelerator=args.accelerator, precision=args.precision, channels_last=not args.contiguous,
                    compile=args.compile)  # fmt: skip
     scaling = run(args.families, args.batch_sizes, args.image_sizes, args.steps, **options)
     results = {"machine": machine(), "scaling_options": options, "scaling": scaling}
