@@ -21,12 +21,15 @@ import argparse
 import cProfile
 import pstats
 import sys
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the helpers beside it
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 from common import (  # noqa: E402
     FAMILIES,
     FAMILY_NAMES,
@@ -55,6 +58,8 @@ from common import (  # noqa: E402
     verdict,
     write_json,
 )
+
+from dgm_lightning import VAE  # noqa: E402
 
 DIGITS = (1, 8, 8)
 TARGET = 0.97  # ours / hand steps per second
@@ -113,17 +118,19 @@ def measure(
 
 
 class MemoryWindow(L.Callback):
-    """Peak memory of the training steps from batch ``first`` on, in the Trainer (the earlier ones warm up)."""
+    """Peak memory of training steps ``first`` to ``last`` in the Trainer (the earlier ones warm up; what runs at
+    the epoch's end is not a step)."""
 
-    def __init__(self, first: int) -> None:
-        self.first, self.memory = first, PeakMemory()
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last, self.memory = first, last, PeakMemory()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.first:
             self.memory.__enter__()
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.memory.__exit__(None, None, None)
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.last:
+            self.memory.__exit__(None, None, None)
 
 
 def step_memory(family: Family, shape: tuple[int, int, int], batch_size: int, warm_up: int = 2, steps: int = 4):
@@ -138,7 +145,7 @@ def step_memory(family: Family, shape: tuple[int, int, int], batch_size: int, wa
     with PeakMemory() as hand:
         for batch in batches:
             family.step(model, optimizers, batch)
-    window = MemoryWindow(warm_up)
+    window = MemoryWindow(warm_up, warm_up + steps - 1)
     make_trainer(callbacks=[window], logger=csv_logger()).fit(seeded(lambda: family.build(shape)), datamodule=data)
     ours = window.memory.peak_mib
     return {"hand_mib": hand.peak_mib, "ours_mib": ours, "ratio": ours / hand.peak_mib}
@@ -155,6 +162,29 @@ def memory(families: list[str], *, size: int = 28, batch_size: int = 128) -> dic
         [[n, r["hand_mib"], r["ours_mib"], r["ratio"], "meets" if r["ratio"] <= MEMORY_TARGET else "above"]
          for n, r in results.items()],
     )  # fmt: skip
+    return results
+
+
+def iwae_memory(chunk_sizes=(1, 10, 100), samples: int = 100, batch_size: int = 128) -> dict[str, dict]:
+    """Peak MiB of the conv VAE's IWAE estimate (``log_prob``, as ``test/nll`` computes it) with ``samples``
+    importance samples on one evaluation batch of 28x28 images, and its time, for each ``iwae_chunk_size``."""
+    shape, x = (1, 28, 28), torch.rand(batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for chunk in chunk_sizes:
+        build = partial(
+            VAE, 32, data_shape=shape, architecture="conv", hidden_dims=[32, 64, 128], iwae_chunk_size=chunk
+        )
+        model = seeded(build).eval()
+        start = time.perf_counter()
+        with torch.no_grad(), PeakMemory() as peak:
+            model.log_prob(x, num_samples=samples)
+        results[str(chunk)] = {"peak_mib": peak.peak_mib, "seconds": time.perf_counter() - start}
+    print_table(
+        f"IWAE evaluation memory: conv VAE, {samples} samples, one batch of {batch_size} 28x28 images, peak MiB "
+        "above the resident set at the start",
+        ["iwae_chunk_size", "peak MiB", "seconds"],
+        [[c, r["peak_mib"], r["seconds"]] for c, r in results.items()],
+    )
     return results
 
 
@@ -229,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": machine(), "overhead": overhead}
     if args.memory:
         results["memory"] = memory(args.families)
+        results["iwae_memory"] = iwae_memory()
     if args.json:
         write_json(results, args.json)
     return results

@@ -92,14 +92,15 @@ FULL = Setup(batch_size=128, batches=25, test_images=2000, iwae_samples=100)
 
 
 class TensorData(L.LightningDataModule):
-    """Fixed training and test tensors, so that ours and the peer see exactly the same images in the same order."""
+    """Fixed training and test tensors, so that ours and the peer see the same images; each epoch in a random
+    order, as training runs (and pythae's trainer) take them."""
 
     def __init__(self, train: torch.Tensor, test: torch.Tensor, setup: Setup) -> None:
         super().__init__()
         self.train, self.test, self.setup_ = train, test, setup
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.train), batch_size=self.setup_.batch_size)
+        return DataLoader(TensorDataset(self.train), batch_size=self.setup_.batch_size, shuffle=True)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.test), batch_size=self.setup_.eval_batch_size)

@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
             for size, batch in OVERHEAD[mode]["points"]
         },
-        "memory": lambda: overhead.memory(list(FAMILY_NAMES), **MEMORY[mode]),
+        "memory": lambda: {
+            "training_step": overhead.memory(list(FAMILY_NAMES), **MEMORY[mode]),
+            "iwae_evaluation": overhead.iwae_memory(),
+        },
         "scaling": lambda: scaling.run(list(scaling.SCALING_FAMILIES), **SCALING[mode], **scaling_options),
         "quality": lambda: quality.run(args.data_dir, quality.QUICK if args.quick else quality.FULL),
         "peers": lambda: peers.run(args.data_dir, peers.QUICK if args.quick else peers.FULL),

@@ -60,6 +60,12 @@ def check_memory(table: dict, families) -> None:
         assert row["ratio"] == pytest.approx(row["ours_mib"] / row["hand_mib"]), row
 
 
+def check_iwae_memory(table: dict) -> None:
+    peaks = {int(chunk): row["peak_mib"] for chunk, row in table.items()}
+    assert sorted(peaks) == [1, 10, 100] and all(positive(v) for v in peaks.values()), table
+    assert peaks[100] > 5 * peaks[1], table  # the flag bounds it: 100 samples decoded at once take far more
+
+
 def test_overhead_script_writes_its_table(tmp_path):
     out = tmp_path / "overhead.json"
     run_script(
@@ -69,6 +75,7 @@ def test_overhead_script_writes_its_table(tmp_path):
     results = json.loads(out.read_text())
     check_overhead(results["overhead"], ["AE"])
     check_memory(results["memory"], ["AE"])
+    check_iwae_memory(results["iwae_memory"])
     assert results["machine"]["torch"] and results["machine"]["cpu_count"] >= 1
     assert list((tmp_path / "runs" / "benchmarks").glob("speed/*/metrics.csv"))  # its logs: here, not in the repo
 
@@ -134,7 +141,10 @@ def test_quick_mode_prints_and_writes_every_table(tmp_path):
             assert positive(point["steps_per_s"]) and positive(point["examples_per_s"]), point
             assert math.isfinite(point["peak_memory_mib"]) and point["peak_memory_mib"] >= 0, point
         assert positive(family["per_example_time_ratio"])
-    check_memory(results["memory"], ["AE", "VAE", "GAN", "Flow", "FlowVAE", "RecurrentVAE", "Classifier"])
+    check_memory(
+        results["memory"]["training_step"], ["AE", "VAE", "GAN", "Flow", "FlowVAE", "RecurrentVAE", "Classifier"]
+    )
+    check_iwae_memory(results["memory"]["iwae_evaluation"])
     if FASHION_MNIST.is_dir():
         quality = results["quality"]
         assert math.isfinite(quality["VAE"]["test_elbo_nats"]) and positive(quality["VAE"]["test_iwae_nll_nats"])
