@@ -87,7 +87,7 @@ class Setup:
 
 
 # epochs of 25 batches: a warm-up epoch and 100 timed steps (5 epochs), the least a measurement may have
-QUICK = Setup(batch_size=64, batches=25, test_images=1000, iwae_samples=50)
+QUICK = Setup(batch_size=32, batches=25, test_images=1000, iwae_samples=50)  # the quick parity's batch
 FULL = Setup(batch_size=128, batches=25, test_images=2000, iwae_samples=100)
 
 
@@ -97,13 +97,13 @@ class TensorData(L.LightningDataModule):
 
     def __init__(self, train: torch.Tensor, test: torch.Tensor, setup: Setup) -> None:
         super().__init__()
-        self.train, self.test, self.setup_ = train, test, setup
+        self.train, self.test, self.settings = train, test, setup
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.train), batch_size=self.setup_.batch_size, shuffle=True)
+        return DataLoader(TensorDataset(self.train), batch_size=self.settings.batch_size, shuffle=True)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.test), batch_size=self.setup_.eval_batch_size)
+        return DataLoader(TensorDataset(self.test), batch_size=self.settings.eval_batch_size)
 
 
 def load_images(data_dir: str | Path, setup: Setup) -> TensorData:
@@ -121,9 +121,9 @@ def ours(build: Callable[[], L.LightningModule], data: TensorData, trained: dict
 
     def run() -> float:
         model, timer = seeded(build), EpochTimer()
-        make_trainer(max_epochs=data.setup_.epochs, callbacks=[timer]).fit(model, datamodule=data)
+        make_trainer(max_epochs=data.settings.epochs, callbacks=[timer]).fit(model, datamodule=data)
         trained["ours"] = model
-        return seconds_per_step(timer.epoch_times, data.setup_.batches)
+        return seconds_per_step(timer.epoch_times, data.settings.batches)
 
     return run
 
@@ -134,13 +134,13 @@ def hand_loop(build: Callable[[], Any], step: Callable[[Any, torch.Tensor], None
 
     def run() -> float:
         state, times = build(), []
-        for _ in range(data.setup_.epochs):
+        for _ in range(data.settings.epochs):
             start = time.perf_counter()
             for (x,) in data.train_dataloader():
                 step(state, x)
             times.append(time.perf_counter() - start)
         trained["peer"] = state
-        return seconds_per_step(times, data.setup_.batches)
+        return seconds_per_step(times, data.settings.batches)
 
     return run
 
@@ -166,7 +166,7 @@ def test_metrics(model: L.LightningModule, data: TensorData, callbacks=()) -> di
 
 
 def vae_vs_pythae(data: TensorData) -> dict:
-    setup = data.setup_
+    setup = data.settings
 
     def build() -> VAE:
         return VAE(32, architecture="conv", hidden_dims=[32, 64, 128], iwae_samples=setup.iwae_samples)
@@ -224,7 +224,7 @@ def pythae_run(build: Callable[[], VAE], data: TensorData, trained: dict) -> Cal
             self.end = time.perf_counter()
 
     def run() -> float:
-        nets, timer, setup = seeded(build), Timer(), data.setup_
+        nets, timer, setup = seeded(build), Timer(), data.settings
         config = VAEConfig(input_dim=(1, 28, 28), latent_dim=32, reconstruction_loss="bce")
         peer = PythaeVAE(config, Encoder(nets.encoder), Decoder(nets.decoder))
         with tempfile.TemporaryDirectory() as output_dir:
@@ -287,7 +287,7 @@ def flow_vs_normflows(data: TensorData) -> dict:
 
     trained: dict = {}
     runs = {"ours": ours(build, data, trained), "peer": hand_loop(peer_build, peer_step, data, trained)}
-    result = compare(runs, data.setup_.repeats)
+    result = compare(runs, data.settings.repeats)
     peer = trained["peer"][0].eval()
     with torch.no_grad():
         nll = torch.cat([-peer.log_prob(dequantize(x), None) for (x,) in data.test_dataloader()]).mean()
@@ -330,7 +330,7 @@ def gan_vs_plain_dcgan(data: TensorData, classifier_checkpoint: Path) -> dict:
 
     trained: dict = {}
     runs = {"ours": ours(build, data, trained), "peer": hand_loop(peer_build, peer_step, data, trained)}
-    result = compare(runs, data.setup_.repeats)
+    result = compare(runs, data.settings.repeats)
 
     def fid_kid(model: GAN) -> tuple[float, float]:
         callback = GenerativeMetrics(
@@ -349,13 +349,13 @@ def gan_vs_plain_dcgan(data: TensorData, classifier_checkpoint: Path) -> dict:
 def train_classifier(data_dir: str | Path, data: TensorData, checkpoint: Path) -> float:
     """The FID/KID features: a classifier trained as long as the GANs (on the labelled images); its test accuracy."""
     module = FashionMNISTDataModule(
-        str(data_dir), batch_size=data.setup_.batch_size, eval_batch_size=data.setup_.eval_batch_size
+        str(data_dir), batch_size=data.settings.batch_size, eval_batch_size=data.settings.eval_batch_size
     )
     classifier = seeded(lambda: Classifier(10, feature_dim=128, hidden_dims=(32, 64, 128)))
-    trainer = make_trainer(max_epochs=data.setup_.epochs, limit_train_batches=data.setup_.batches)
+    trainer = make_trainer(max_epochs=data.settings.epochs, limit_train_batches=data.settings.batches)
     trainer.fit(classifier, datamodule=module)
     trainer.save_checkpoint(checkpoint)
-    limit = data.setup_.test_images // data.setup_.eval_batch_size
+    limit = data.settings.test_images // data.settings.eval_batch_size
     (metrics,) = make_trainer(limit_test_batches=limit).test(classifier, datamodule=module, verbose=False)
     return float(metrics["test/accuracy"])
 

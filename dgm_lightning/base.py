@@ -69,7 +69,7 @@ class GenerativeModel(DataChecks, L.LightningModule):
         channels_last: hold the networks' 4-D weights, and so their convolutions' activations, in channels-last
             memory format while the Trainer runs (from ``configure_model`` to ``teardown``: afterwards they are
             contiguous again, so code that views parameters flat, like ``parameters_to_vector``, works on the
-            fitted model). On CPU it made the convolutional families' training steps 13-22 % faster (README,
+            fitted model). On CPU it made the convolutional families' training steps 7-30 % faster (README,
             "Memory format"); a model without convolutions is unchanged. The values are the same up to float
             rounding; checkpoints load either way.
     """

@@ -53,13 +53,8 @@ class Classifier(GenerativeModel):
         compile: bool = False,
         channels_last: bool = True,
     ) -> None:
-        super().__init__(
-            data_shape=data_shape,
-            value_range=value_range,
-            num_classes=num_classes,
-            compile=compile,
-            channels_last=channels_last,
-        )
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes,
+                         compile=compile, channels_last=channels_last)  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         check_positive_int(feature_dim=feature_dim)
         check_injected(optimizer=optimizer, lr_scheduler=lr_scheduler)

@@ -121,13 +121,8 @@ class VQVAEPrior(GenerativeModel):
             )
         if not isinstance(vqvae, VQVAE):
             raise TypeError(f"vqvae must be a VQVAE, got {type(vqvae).__name__}")
-        super().__init__(
-            data_shape=vqvae.data_shape,
-            value_range=vqvae.value_range,
-            num_classes=None,
-            compile=compile,
-            channels_last=channels_last,
-        )
+        super().__init__(data_shape=vqvae.data_shape, value_range=vqvae.value_range, num_classes=None,
+                         compile=compile, channels_last=channels_last)  # fmt: skip
         self.save_hyperparameters(ignore=["vqvae", "prior", "optimizer", "lr_scheduler"])
         # recorded for load_from_checkpoint, which then rebuilds the VQ-VAE without its file
         self.hparams["vqvae_settings"] = vqvae_settings_of(vqvae)

@@ -94,13 +94,8 @@ class Flow(GenerativeModel):
         channels_last: bool = True,
         flow: nn.Module | None = None,
     ) -> None:
-        super().__init__(
-            data_shape=data_shape,
-            value_range=value_range,
-            num_classes=num_classes,
-            compile=compile,
-            channels_last=channels_last,
-        )
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes,
+                         compile=compile, channels_last=channels_last)  # fmt: skip
         self.save_hyperparameters(ignore=["flow", "optimizer", "lr_scheduler"])
         _check_settings(
             architecture=architecture, preprocessing=preprocessing, data_shape=self.data_shape, num_scales=num_scales,

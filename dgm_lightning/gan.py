@@ -118,13 +118,8 @@ class GAN(GenerativeModel):
         generator: nn.Module | None = None,
         discriminator: nn.Module | None = None,
     ) -> None:
-        super().__init__(
-            data_shape=data_shape,
-            value_range=value_range,
-            num_classes=num_classes,
-            compile=compile,
-            channels_last=channels_last,
-        )
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes,
+                         compile=compile, channels_last=channels_last)  # fmt: skip
         self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer_g", "optimizer_d",
                                           "lr_scheduler_g", "lr_scheduler_d"])  # fmt: skip
         gan_checks.check_gan_settings(

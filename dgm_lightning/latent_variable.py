@@ -80,13 +80,8 @@ class LatentVariableModel(GenerativeModel):
     ) -> None:
         if len(data_shape) != 3:
             raise ValueError(f"data_shape must be three sizes (C, H, W), got {tuple(data_shape)}")
-        super().__init__(
-            data_shape=data_shape,
-            value_range=value_range,
-            num_classes=num_classes,
-            compile=compile,
-            channels_last=channels_last,
-        )
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=num_classes,
+                         compile=compile, channels_last=channels_last)  # fmt: skip
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "lr_scheduler"])
         check_positive_int(latent_dim=latent_dim)
         check_positive(gaussian_scale=gaussian_scale)

@@ -110,13 +110,8 @@ class VQVAE(GenerativeModel):
     ) -> None:
         if len(data_shape) != 3:
             raise ValueError(f"data_shape must be three sizes (C, H, W), got {tuple(data_shape)}")
-        super().__init__(
-            data_shape=data_shape,
-            value_range=value_range,
-            num_classes=None,
-            compile=compile,
-            channels_last=channels_last,
-        )
+        super().__init__(data_shape=data_shape, value_range=value_range, num_classes=None,
+                         compile=compile, channels_last=channels_last)  # fmt: skip
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "lr_scheduler"])
         check_positive_int(
             num_embeddings=num_embeddings, embedding_dim=embedding_dim, residual_channels=residual_channels
