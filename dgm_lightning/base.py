@@ -19,7 +19,13 @@ from dgm_lightning.checkpoint_io import check_checkpoint_file
 from dgm_lightning.compat import attached_trainer, logs_this_step, restricted_classmethod
 from dgm_lightning.data_checks import DataChecks
 from dgm_lightning.objectives import Objective
-from dgm_lightning.optimizers import fusable, optimizer_config, trainable_parameters
+from dgm_lightning.optimizers import (
+    contiguous_states,
+    fusable,
+    match_state_layout,
+    optimizer_config,
+    trainable_parameters,
+)
 
 
 def comparable_settings(hparams: Mapping) -> dict:
@@ -186,6 +192,12 @@ class GenerativeModel(DataChecks, L.LightningModule):
             self.to(memory_format=torch.contiguous_format)  # see channels_last in the class docstring
 
     @override
+    def on_train_start(self) -> None:
+        # after the Trainer has restored the optimizers' states from a checkpoint: in the weights' layout
+        for optimizer in self.trainer.optimizers:
+            match_state_layout(optimizer)
+
+    @override
     def on_fit_start(self) -> None:
         # seed_everything gives every rank the same seed, so every rank would draw the same noise (posterior
         # samples, word dropout, dequantization) for its different data; offset each rank's stream, unless a
@@ -305,6 +317,7 @@ class GenerativeModel(DataChecks, L.LightningModule):
         trainer = attached_trainer(self)
         states = self.all_gather(state) if trainer is not None and trainer.world_size > 1 else state[None]
         checkpoint["rng_states"] = states.cpu()
+        contiguous_states(checkpoint.get("optimizer_states", []))  # as the weights are after teardown
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:

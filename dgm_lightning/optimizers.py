@@ -75,6 +75,28 @@ def fusable(model: L.LightningModule) -> bool:
     return not (trainer.gradient_clip_val or getattr(model, "gradient_clip_val", None))
 
 
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's state tensors (Adam's moments) that parameter's memory layout. torch's fused Adam
+    (torch 2.14) steps a parameter and its state as flat memory, so a state restored in another layout than its
+    parameter (a contiguous checkpoint resumed with channels-last weights, or the reverse) would silently update
+    each entry with another entry's moments; the other implementations index by shape and are unaffected."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def contiguous_states(optimizer_states: list[dict[str, Any]]) -> None:
+    """Give saved optimizer state dicts contiguous state tensors: a checkpoint then holds the layout of the weights
+    that a fitted model has (see ``GenerativeModel``'s ``channels_last``). Each state dict's ``state`` is rebuilt,
+    not changed in place: its per-parameter dicts are the optimizer's live ones."""
+    for optimizer_state in optimizer_states:
+        optimizer_state["state"] = {
+            index: {k: v.contiguous() if torch.is_tensor(v) else v for k, v in state.items()}
+            for index, state in optimizer_state.get("state", {}).items()
+        }
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimizer steps: those that require a gradient (not a frozen or averaged copy)."""
     return [p for p in module.parameters() if p.requires_grad]

@@ -80,3 +80,39 @@ def test_a_model_loaded_from_a_checkpoint_is_contiguous(tmp_path):
     loaded = VAE.load_from_checkpoint(path)  # calls configure_model, with no Trainer
     assert weights_contiguous(loaded)
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+class SaveEveryStep(L.Callback):
+    """A checkpoint after every training step."""
+
+    def __init__(self, folder) -> None:
+        self.paths = [folder / f"step{i}.ckpt" for i in range(2)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.save_checkpoint(self.paths[batch_idx])
+
+
+def test_checkpoints_hold_contiguous_optimizer_states_and_leave_the_live_ones_alone(tmp_path):
+    saving = SaveEveryStep(tmp_path)
+    saved, plain = fit(conv_vae(True), steps=2, callbacks=[saving]), fit(conv_vae(True), steps=2)
+    # saving in between changed nothing: fused Adam steps each weight with its own moments
+    torch.testing.assert_close(saved.state_dict(), plain.state_dict(), rtol=0, atol=0)
+    for path in saving.paths:
+        for state in torch.load(path, weights_only=True)["optimizer_states"][0]["state"].values():
+            assert all(v.is_contiguous() for v in state.values() if torch.is_tensor(v))
+
+
+def test_a_resumed_run_steps_channels_last_weights_with_moments_of_their_layout(tmp_path):
+    # the checkpoint's moments are contiguous, the resumed weights channels-last: fused Adam, which steps both as
+    # flat memory, would give each entry another entry's moments unless the moments follow the weights' layout
+    first = fit(conv_vae(True))
+    path = tmp_path / "first.ckpt"
+    first.trainer.save_checkpoint(path)
+    runs = []
+    for channels_last in (True, False):
+        model = conv_vae(channels_last)
+        model.hparams["channels_last"] = True  # the checkpoint's settings, so that the resume is allowed
+        data = DataLoader(TensorDataset(images(16, (1, 16, 16)), torch.zeros(16, dtype=torch.long)), batch_size=8)
+        trainer(max_epochs=2).fit(model, data, ckpt_path=path)
+        runs.append(model)
+    torch.testing.assert_close(runs[0].state_dict(), runs[1].state_dict(), rtol=1e-4, atol=1e-5)
