@@ -190,10 +190,13 @@ class GenerativeModel(DataChecks, L.LightningModule):
     def teardown(self, stage: str) -> None:
         if self.channels_last:
             self.to(memory_format=torch.contiguous_format)  # see channels_last in the class docstring
+            self._match_optimizer_states()  # for an optimizer stepped after fit (see match_state_layout)
 
     @override
     def on_train_start(self) -> None:
-        # after the Trainer has restored the optimizers' states from a checkpoint: in the weights' layout
+        self._match_optimizer_states()  # the Trainer has just restored them from a checkpoint, if resuming
+
+    def _match_optimizer_states(self) -> None:
         for optimizer in self.trainer.optimizers:
             match_state_layout(optimizer)
 

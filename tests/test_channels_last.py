@@ -48,6 +48,8 @@ def test_weights_are_channels_last_only_while_the_trainer_runs(channels_last):
     assert layouts.seen == [channels_last] * 2
     assert weights_contiguous(model)  # after fit: flat views work again
     torch.nn.utils.parameters_to_vector(model.parameters())
+    for param, state in model.trainer.optimizers[0].state.items():  # and the moments have the weights' layout
+        assert all(v.stride() == param.stride() for v in state.values() if v.shape == param.shape)
 
 
 def test_channels_last_trains_like_contiguous_weights():
