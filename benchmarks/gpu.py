@@ -7,7 +7,7 @@ Needs a CUDA GPU (it says so and stops on a machine without one). Each measureme
 in the Trainer on noise images (speed does not depend on the pixels) for a warm-up epoch (compilation, cuDNN's
 autotuning) and at least 100 timed steps, and reports examples per second over all devices. The settings run in
 interleaved rounds (``--repeats``), printed as median (min-max). Results go to ``--json`` (default
-benchmarks/results/gpu.json) with the card's name; README's GPU table is filled from it.
+benchmarks/results/gpu.json) with the card's name, for README's Benchmarks section.
 """
 
 from __future__ import annotations
