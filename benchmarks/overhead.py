@@ -6,15 +6,16 @@ the memory of a training step in both.
     python benchmarks/overhead.py --memory                        # also the memory tables (28x28, batch 128)
     python benchmarks/overhead.py --profile VAE                   # cProfile of the Trainer's steady-state epochs
 
-Three loops train the same networks (by default the digits configs' models, the smallest steps and so the worst
-case for overhead; ``--size 28`` the Fashion-MNIST-sized ones on noise images) on the same DataLoader batches
-with the same optimizers and the same memory format (``channels_last`` where ours uses it): a hand-written loop
-that does only the model's loss, backward and the optimizer steps; the Trainer with the thinnest LightningModule
-around that loss ("bare", Lightning's own cost); the Trainer with our LightningModule ("ours": logging to CSV
-at the default interval, divergence checks). Each measurement is the mean time per step over ``--steps`` timed
-steps (at least 100) after a warm-up epoch (the Trainer's set-up and the first epoch left out); the loops run
-in ``--repeats`` interleaved rounds, and the ratios of paired rounds are printed as median (min-max). The
-target for ours/hand is >= 0.97; a ratio whose repeats disagree by more than 10 % is reported as unsettled.
+Three loops train the same networks (by default the digits configs' models, the smallest steps and so the worst case
+for overhead; ``--size 28`` the Fashion-MNIST-sized ones on noise images) on the same DataLoader batches with the
+same optimizers, the same memory format (``channels_last`` where ours uses it) and the same precision, float32
+(parity measures the loops, not the arithmetic; ``peers.py`` measures ours in its default precision): a hand-written
+loop that does only the model's loss, backward and the optimizer steps; the Trainer with the thinnest
+LightningModule around that loss ("bare", Lightning's own cost); the Trainer with our LightningModule ("ours":
+logging to CSV at the default interval, divergence checks). Each measurement is the mean time per step over
+``--steps`` timed steps (at least 100) after a warm-up epoch (the Trainer's set-up and the first epoch left out);
+the loops run in ``--repeats`` interleaved rounds, and the ratios of paired rounds are printed as median (min-max).
+The target for ours/hand is >= 0.97; a ratio whose repeats disagree by more than 10 % is reported as unsettled.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ the quality each reaches with the same training.
 Ours and the peer each train a fresh model (same initial weights) for a warm-up epoch and then at least 100 timed
 steps, in ``repeats`` interleaved rounds; peer/ours is the ratio of their mean times per timed step in paired
 rounds, median (min-max), > 1 when ours is faster (target 1.2; repeats more than 10 % apart give no verdict). The
-quality columns are those of the last round's models, tested on the same test images. A peer that is not
+quality columns are those of the last round's models, tested on the same test images in float32. Ours trains in
+its default precision on this machine (``dgm_lightning.precision.default_precision``: bf16-mixed for convolutions on
+a CPU with AMX), the peers in theirs (float32). A peer that is not
 installed is reported as such and skipped.
 """
 
@@ -57,6 +59,7 @@ from callbacks import GenerativeMetrics  # noqa: E402
 from datamodules import FashionMNISTDataModule  # noqa: E402
 from dgm_lightning import GAN, VAE, Classifier, Flow  # noqa: E402
 from dgm_lightning.optimizers import DiscriminatorAdam, GeneratorAdam  # noqa: E402
+from dgm_lightning.precision import default_precision  # noqa: E402
 
 TARGET = 1.2  # peer time / our time
 
@@ -116,12 +119,15 @@ def load_images(data_dir: str | Path, setup: Setup) -> TensorData:
 
 
 def ours(build: Callable[[], L.LightningModule], data: TensorData, trained: dict) -> Callable[[], float]:
-    """A timed run of a fresh model of ours in the Trainer (logging to no logger: the peers log nothing); seconds
-    per timed step. The model is kept in ``trained["ours"]``."""
+    """A timed run of a fresh model of ours in the Trainer, in its default precision on this machine (logging to no
+    logger: the peers log nothing); seconds per timed step. The model is kept in ``trained["ours"]``, its precision
+    in ``trained["precision"]``."""
 
     def run() -> float:
         model, timer = seeded(build), EpochTimer()
-        make_trainer(max_epochs=data.settings.epochs, callbacks=[timer]).fit(model, datamodule=data)
+        trained["precision"] = default_precision(model)
+        trainer = make_trainer(max_epochs=data.settings.epochs, callbacks=[timer], precision=trained["precision"])
+        trainer.fit(model, datamodule=data)
         trained["ours"] = model
         return seconds_per_step(timer.epoch_times, data.settings.batches)
 
@@ -145,11 +151,12 @@ def hand_loop(build: Callable[[], Any], step: Callable[[Any, torch.Tensor], None
     return run
 
 
-def compare(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, Any]:
+def compare(runs: dict[str, Callable[[], float]], repeats: int, trained: dict) -> dict[str, Any]:
     """Interleaved timed runs of ours and the peer; their times and the peer/ours ratio with its verdict."""
     seconds = interleaved(runs, repeats)
     ratio = Spread.of_ratios(seconds["peer"], seconds["ours"])
     return {
+        "ours_precision": trained["precision"],
         "ours_ms_per_step": Spread(tuple(1e3 * t for t in seconds["ours"])).as_dict(),
         "peer_ms_per_step": Spread(tuple(1e3 * t for t in seconds["peer"])).as_dict(),
         "peer_over_ours_time": ratio.as_dict(),
@@ -158,6 +165,7 @@ def compare(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, Any
 
 
 def test_metrics(model: L.LightningModule, data: TensorData, callbacks=()) -> dict[str, float]:
+    """Test metrics in float32, for ours and the peers alike."""
     (metrics,) = make_trainer(callbacks=list(callbacks)).test(model, datamodule=data, verbose=False)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -174,7 +182,8 @@ def vae_vs_pythae(data: TensorData) -> dict:
     if importlib.util.find_spec("pythae") is None:
         return {"peer": "pythae not installed"}
     trained: dict = {}
-    result = compare({"ours": ours(build, data, trained), "peer": pythae_run(build, data, trained)}, setup.repeats)
+    runs = {"ours": ours(build, data, trained), "peer": pythae_run(build, data, trained)}
+    result = compare(runs, setup.repeats, trained)
     metrics = test_metrics(trained["ours"], data)
     peer = trained["peer"].eval()
     with torch.no_grad():
@@ -287,7 +296,7 @@ def flow_vs_normflows(data: TensorData) -> dict:
 
     trained: dict = {}
     runs = {"ours": ours(build, data, trained), "peer": hand_loop(peer_build, peer_step, data, trained)}
-    result = compare(runs, data.settings.repeats)
+    result = compare(runs, data.settings.repeats, trained)
     peer = trained["peer"][0].eval()
     with torch.no_grad():
         nll = torch.cat([-peer.log_prob(dequantize(x), None) for (x,) in data.test_dataloader()]).mean()
@@ -330,7 +339,7 @@ def gan_vs_plain_dcgan(data: TensorData, classifier_checkpoint: Path) -> dict:
 
     trained: dict = {}
     runs = {"ours": ours(build, data, trained), "peer": hand_loop(peer_build, peer_step, data, trained)}
-    result = compare(runs, data.settings.repeats)
+    result = compare(runs, data.settings.repeats, trained)
 
     def fid_kid(model: GAN) -> tuple[float, float]:
         callback = GenerativeMetrics(
@@ -379,17 +388,18 @@ def run(data_dir: str | Path, setup: Setup) -> dict:
     for family in ("VAE", "Flow", "GAN"):
         r = results[family]
         if "verdict" not in r:
-            rows.append([family, r["peer"], "-", "-", "-", "-", "-", "-", "-"])
+            rows.append([family, r["peer"], "-", "-", "-", "-", "-", "-", "-", "-"])
             continue
-        speed = [spread_text(r["ours_ms_per_step"]), spread_text(r["peer_ms_per_step"]),
+        speed = [r["ours_precision"], spread_text(r["ours_ms_per_step"]), spread_text(r["peer_ms_per_step"]),
                  spread_text(r["peer_over_ours_time"]), r["verdict"]]  # fmt: skip
         for i, (metric, (ours_value, peer_value)) in enumerate(r["quality"].items()):
-            rows.append([family, r["peer"], *(speed if i == 0 else [""] * 4), metric, ours_value, peer_value])
+            rows.append([family, r["peer"], *(speed if i == 0 else [""] * 5), metric, ours_value, peer_value])
     print_table(
-        f"Peers: {results['setup']}; ms per timed step and peer/ours time, median (min-max) over the rounds; "
+        f"Peers: {results['setup']}; ours in its default precision here, the peers in float32; ms per timed step "
+        f"and peer/ours time, median (min-max) over the rounds; "
         f"> 1: ours faster, target >= {TARGET}; quality of the last round's models (ELBO: higher is better; "
         f"the others lower; FID/KID features: a classifier of test accuracy {accuracy:.3f})",
-        ["family", "peer", "ours ms", "peer ms", "peer/ours", "verdict", "metric", "ours", "peer"],
+        ["family", "peer", "ours in", "ours ms", "peer ms", "peer/ours", "verdict", "metric", "ours", "peer"],
         rows,
     )
     return results

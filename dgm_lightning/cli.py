@@ -37,6 +37,7 @@ from dgm_lightning.base import comparable_settings
 from dgm_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint_file
 from dgm_lightning.compat import drop_unset_wandb_anonymous
 from dgm_lightning.export import main as export_main
+from dgm_lightning.precision import default_precision
 from dgm_lightning.recipes import describe_recipes, expand_recipe_names
 from dgm_lightning.runs import job_settings, new_run_id, resolve_best, resolve_last, write_job
 
@@ -47,6 +48,8 @@ WANDB_PROJECT = "dgm-lightning"
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # Lightning 2.6 calls a torch.utils._pytree API that newer torch deprecates; nothing for a user to act on.
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")
+# The model summary sizes parameters in 32 bits under bf16-mixed, which holds them in 32 bits: it is right, not rough.
+warnings.filterwarnings("ignore", ".*is not supported by the model summary.*")
 
 
 class LightningAdvertFilter(logging.Filter):
@@ -125,7 +128,8 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
 
 
 class Trainer(L.Trainer):
-    """Lightning's Trainer, its batch limits typed so that the command line reads ``1`` as one batch, not 100 %.
+    """Lightning's Trainer, its batch limits typed so that the command line reads ``1`` as one batch, not 100 %,
+    and its precision ``auto`` by default.
 
     Lightning annotates them ``Optional[Union[int, float]]``, which Python's typing cache hands back as an equal
     ``Union[float, int, None]`` made earlier by another module; jsonargparse then tries float first, so
@@ -137,6 +141,9 @@ class Trainer(L.Trainer):
         limit_val_batches: as ``limit_train_batches``, for the validation set.
         limit_test_batches: as ``limit_train_batches``, for the test set.
         limit_predict_batches: as ``limit_train_batches``, for the prediction set.
+        precision: Lightning's precision (``32-true``, ``bf16-mixed``, ``16-mixed``...), or ``auto``: the model's
+            fastest on this hardware as measured, ``dgm_lightning.precision.default_precision``. The CLI resolves
+            ``auto`` once it has the model, and the run's ``config.yaml`` records what it resolved to.
     """
 
     def __init__(
@@ -146,13 +153,20 @@ class Trainer(L.Trainer):
         limit_val_batches: int | float | None = None,
         limit_test_batches: int | float | None = None,
         limit_predict_batches: int | float | None = None,
+        precision: str | int | None = "auto",  # Lightning checks the value
         **kwargs: Any,  # the rest of Lightning's Trainer arguments, which LightningCLI reads from its signature
     ) -> None:
+        if precision == "auto":
+            raise ValueError(
+                "precision 'auto' depends on the model, which this Trainer is not given: pass "
+                "precision=dgm_lightning.precision.default_precision(model) (train.py resolves it itself)"
+            )
         super().__init__(
             limit_train_batches=limit_train_batches,
             limit_val_batches=limit_val_batches,
             limit_test_batches=limit_test_batches,
             limit_predict_batches=limit_predict_batches,
+            precision=precision,
             **kwargs,
         )
 
@@ -260,6 +274,8 @@ class DGMCLI(LightningCLI):
             super().instantiate_classes()
         finally:
             config.trainer = given
+        if config.trainer.precision == "auto":  # the run's config.yaml records what it trained in
+            config.trainer.precision = self.trainer.precision
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 drop_unset_wandb_anonymous(logger)
@@ -267,6 +283,12 @@ class DGMCLI(LightningCLI):
                 Path(logger.save_dir or ".").mkdir(parents=True, exist_ok=True)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user configured
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        if config.trainer.precision == "auto":
+            kwargs.setdefault("precision", default_precision(self.model, config.trainer.accelerator))
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         declare_best_summaries(self.trainer)

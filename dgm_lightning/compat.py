@@ -57,3 +57,13 @@ def optuna_trial_id(trial) -> int:
     it, ``optuna.trial.Trial(study, trial_id)``, to report to it: Optuna keeps it in the private ``_trial_id``.
     (``trial``: an ``optuna.Trial``; Optuna is an optional dependency, so it is not imported here.)"""
     return trial._trial_id
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX-BF16: Sapphire Rapids and later), where
+    oneDNN runs bf16 convolutions natively; elsewhere it emulates them. torch reads the CPU's features into the
+    private ``torch._C._cpu._get_cpu_capability()``; ``torch.backends.cpu.get_cpu_capability()`` only names the
+    vector width ("AVX512" on such a CPU too)."""
+    import torch
+
+    return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))

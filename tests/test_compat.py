@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -10,6 +12,7 @@ from torch import nn
 
 from dgm_lightning.compat import (
     attached_trainer,
+    cpu_has_bf16_matrix_units,
     drop_unset_wandb_anonymous,
     find_unused_parameters,
     is_batch_norm,
@@ -81,3 +84,10 @@ def test_an_optuna_trials_storage_id_rebuilds_the_trial_in_another_process_s_stu
     trial = study.ask()  # the second: its id and number could differ in another storage
     same_study = optuna.load_study(study_name=study.study_name, storage=storage)
     assert optuna.trial.Trial(same_study, optuna_trial_id(trial)).number == trial.number == 1
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def test_cpu_has_bf16_matrix_units_agrees_with_the_kernels_cpu_flags():
+    flags = {word for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for word in line.split(":", 1)[1].split()}  # fmt: skip
+    assert cpu_has_bf16_matrix_units() == ("amx_bf16" in flags)

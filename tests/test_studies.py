@@ -231,6 +231,26 @@ def test_the_report_means_and_standard_deviations_agree_with_a_hand_computation(
     assert "| 2 | elbo | none | adam | 2.333 ± 1.5 | 3 | 0 | 0 | 2 |" in table
 
 
+def test_the_report_says_when_trials_trained_in_different_precisions(tmp_path):
+    """precision auto resolves by the trial's model and machine: workers with and without AMX, or a conv and an MLP
+    configuration, train in different precisions, which the report names (and says nothing when all agree)."""
+    study = load_study(STUDIES_DIR / "vae_digits_quick.yaml")
+    space = {name: CategoricalDistribution(values) for name, values in study.grid().items()}
+    space["seed"] = CategoricalDistribution([0, 1])
+    params = {"objective": "elbo", "kl_schedule": "none", "model.optimizer": "adam"}
+
+    def report(*precisions: str) -> str:
+        handle = optuna.create_study(direction="minimize")
+        for seed, precision in enumerate(precisions):
+            config = yaml.safe_dump({"trainer": {"precision": precision}})
+            handle.add_trial(create_trial(value=1.0 + seed, params={**params, "seed": seed}, distributions=space,
+                                          user_attrs={"seed": seed, "wall_time": 1.0, "config": config}))  # fmt: skip
+        return write_report(study, handle, tmp_path / "_".join(precisions))
+
+    assert "different precisions: 32-true (trials 1); bf16-mixed (trials 0)" in report("bf16-mixed", "32-true")
+    assert "precision" not in report("32-true", "32-true")
+
+
 def test_the_reporter_turns_the_monitor_to_the_studys_direction_and_stops_a_pruned_trial():
     handle = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(1, n_warmup_steps=0))
     handle.add_trial(create_trial(value=1.0, intermediate_values={0: 3.0, 1: 1.0}))

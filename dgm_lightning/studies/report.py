@@ -215,6 +215,25 @@ def best_recipe(study: Study, config: Configuration) -> str | None:
     return "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
 
 
+def precision_note(trials: list[FrozenTrial]) -> list[str]:
+    """Report lines naming the precisions the trials trained in, where they differ: ``--trainer.precision auto``
+    (the default) resolves by each trial's model and machine, which a comparison should know."""
+    by_precision: dict[str, list[int]] = {}
+    for trial in trials:
+        config = yaml.safe_load(trial.user_attrs.get("config") or "{}") or {}
+        precision = (config.get("trainer") or {}).get("precision")
+        if precision is not None:
+            by_precision.setdefault(str(precision), []).append(trial.number)
+    if len(by_precision) < 2:
+        return []
+    listed = "; ".join(f"{p} (trials {', '.join(map(str, numbers))})" for p, numbers in sorted(by_precision.items()))
+    return [
+        "",
+        f"The trials trained in different precisions: {listed}. The default precision (auto) depends on the "
+        "model and the machine; to compare at one precision, set trainer.precision in the study's settings.",
+    ]
+
+
 def write_report(study: Study, handle: optuna.Study, folder: Path) -> str:
     """Write ``table.md``, ``table.csv``, ``trials.csv``, the plots and ``best.yaml`` into ``folder``; the
     markdown report."""
@@ -241,6 +260,7 @@ def write_report(study: Study, handle: optuna.Study, folder: Path) -> str:
     if failed:
         lines += ["", "Failed trials:", ""]
         lines += [f"- trial {t.number} ({t.params}): {t.user_attrs.get('reason') or 'not recorded'}" for t in failed]
+    lines += precision_note(counted)
     write_csv(folder / "table.csv", study, ranked)
     write_trials_csv(folder / "trials.csv", study, trials)
     plots = plot_axes(folder, study, trials)
