@@ -267,6 +267,10 @@ class DGMCLI(LightningCLI):
         for logger in logger_configs(config.trainer):
             if follows_root(logger):
                 logger.init_args.save_dir = config.trainer.default_root_dir
+            if logger.class_path.endswith("WandbLogger") and logger.init_args.get("save_dir"):
+                # absolute: wandb's service process, started by a process's first run, resolves a relative folder
+                # against its own working directory, so a later run after os.chdir would write into the first's
+                logger.init_args.save_dir = str(Path(logger.init_args.save_dir).absolute())
         if not logger_configs(config.trainer) and not config.trainer.logger and self.subcommand != "predict":
             root = Path(config.trainer.default_root_dir or ".")
             config.trainer.default_root_dir = str(root / WANDB_PROJECT / new_run_id())

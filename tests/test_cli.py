@@ -136,6 +136,18 @@ def test_wandb_name_and_tags_come_from_flags():
     assert run.display_name == "my-run" and list(run.tags) == ["vae", "test"] and run.project == "dgm-lightning"
 
 
+def test_a_second_run_in_the_same_process_after_a_chdir_logs_into_its_own_folder(tmp_path, monkeypatch):
+    """wandb's service process keeps the working directory of the process's first run and resolved the default
+    relative folder (runs/) against it: the second run's W&B files went into the first run's folder."""
+    flags = ["fit", "--config", DEFAULT_RECIPE, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+             "--trainer.limit_val_batches", "1", *QUIET]  # fmt: skip
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        main(flags).trainer.logger.experiment.finish()
+        assert len(list(Path("runs/wandb").glob("offline-run-*/run-*.wandb"))) == 1, folder
+
+
 def _records(wandb_run: Path) -> list:
     """The records written so far: none while wandb has not created the file yet, or while the record it is writing
     cannot be parsed yet (its bytes are there in part)."""
