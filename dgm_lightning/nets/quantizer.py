@@ -52,8 +52,11 @@ def perplexity(counts: Tensor) -> Tensor:
 
 def nearest_codes(vectors: Tensor, codebook: Tensor) -> Tensor:
     """Index (N,) of the codebook row (K, D) nearest each vector (N, D) in Euclidean distance."""
-    # ||v - e||^2 = ||v||^2 - 2 v.e + ||e||^2; ||v||^2 is the same for every code, so it is left out
-    distances = (codebook * codebook).sum(1) - 2 * vectors @ codebook.T  # (N, K)
+    # in the inputs' dtype: autocast would run the product in bfloat16 or float16, whose rounding (0.4 % in bf16)
+    # picks another code for vectors whose two nearest codes are closer than that
+    with torch.autocast(vectors.device.type, enabled=False):
+        # ||v - e||^2 = ||v||^2 - 2 v.e + ||e||^2; ||v||^2 is the same for every code, so it is left out
+        distances = (codebook * codebook).sum(1) - 2 * vectors @ codebook.T  # (N, K)
     return distances.argmin(1)
 
 
@@ -227,7 +230,9 @@ class VectorQuantizer(nn.Module):
         number, so that the EMA counts stay per rank's batch (what ``dead_code_threshold`` is measured in)."""
         ranks = dist.get_world_size() if distributed() else 1
         onehot = F.one_hot(index, self.num_embeddings).to(vectors.dtype)  # (N, K)
-        statistics = all_reduce_(torch.cat([onehot.sum(0)[:, None], onehot.T @ vectors], dim=1)) / ranks
+        with torch.autocast(vectors.device.type, enabled=False):  # the sums in the codebook's dtype, as above
+            sums = onehot.T @ vectors
+        statistics = all_reduce_(torch.cat([onehot.sum(0)[:, None], sums], dim=1)) / ranks
         counts, sums = statistics[:, 0], statistics[:, 1:]  # (K,), (K, D)
         self.ema_counts.mul_(self.decay).add_(counts.to(self.ema_counts), alpha=1 - self.decay)
         self.usage.mul_(self.usage_decay).add_(counts.to(self.usage), alpha=1 - self.usage_decay)
