@@ -12,10 +12,9 @@ the quality each reaches with the same training.
 Ours and the peer each train a fresh model (same initial weights) for a warm-up epoch and then at least 100 timed
 steps, in ``repeats`` interleaved rounds; peer/ours is the ratio of their mean times per timed step in paired
 rounds, median (min-max), > 1 when ours is faster (target 1.2; repeats more than 10 % apart give no verdict). The
-quality columns are those of the last round's models, tested on the same test images in float32. Ours trains in
-its default precision on this machine (``dgm_lightning.precision.default_precision``: bf16-mixed for convolutions on
-a CPU with AMX), the peers in theirs (float32). A peer that is not
-installed is reported as such and skipped.
+quality columns are those of the last round's models, tested on the same test images in float32. Ours trains in its
+default precision on this machine (``dgm_lightning.precision.default_precision``: bf16-mixed for convolutions on a
+CPU with AMX), the peers in theirs (float32). A peer that is not installed is reported as such and skipped.
 """
 
 from __future__ import annotations
